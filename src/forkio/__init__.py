@@ -1,0 +1,74 @@
+"""forkio: Node's ``child_process.fork()`` for Python, and more.
+
+Fork a Python script or module (or a Node script) as a child process with a built-in message
+channel, in sync or asyncio code; the child talks back through ``forkio.parent``.
+
+Only what a child needs (``parent`` and the errors) is imported eagerly; the rest loads on
+first use, so ``from forkio import parent`` costs a child a few milliseconds, not asyncio's import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._errors import ChannelClosed as ChannelClosed
+from ._errors import ForkioError as ForkioError
+from ._errors import ProtocolError as ProtocolError
+from ._errors import SerializationError as SerializationError
+from ._errors import TaskTimeout as TaskTimeout
+from ._errors import WaitTimeout as WaitTimeout
+from ._errors import WorkerCrashed as WorkerCrashed
+from ._parent import Parent as Parent
+from ._parent import parent as parent
+
+if TYPE_CHECKING:
+    from ._aprocess import AsyncChildProcess as AsyncChildProcess
+    from ._aprocess import AsyncParent as AsyncParent
+    from ._aprocess import afork as afork
+    from ._aprocess import aparent as aparent
+    from ._process import ChildProcess as ChildProcess
+    from ._process import fork as fork
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "AsyncChildProcess": "._aprocess",
+    "AsyncParent": "._aprocess",
+    "afork": "._aprocess",
+    "aparent": "._aprocess",
+    "ChildProcess": "._process",
+    "fork": "._process",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'forkio' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "AsyncChildProcess",
+    "AsyncParent",
+    "ChannelClosed",
+    "ChildProcess",
+    "ForkioError",
+    "Parent",
+    "ProtocolError",
+    "SerializationError",
+    "TaskTimeout",
+    "WaitTimeout",
+    "WorkerCrashed",
+    "afork",
+    "aparent",
+    "fork",
+    "parent",
+]

@@ -1,0 +1,119 @@
+"""The asyncio faces: ``afork()``/``AsyncChildProcess`` in the parent, ``aparent`` in the child.
+
+Kept apart so that code which never uses asyncio never imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+
+from . import _parent
+from ._aio import AsyncEndpoint
+from ._channel import Channel
+from ._codec import DEFAULT_MAX_FRAME
+from ._errors import ChannelClosed, WaitTimeout
+from ._launch import LaunchSpec, build_spec, submit_start
+from ._process import DEFAULT_GRACE, _Process
+
+
+class AsyncChildProcess(_Process, AsyncEndpoint):
+    """A running child with a message channel (asyncio face). Create with ``await forkio.afork()``."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], channel: Channel, spec: LaunchSpec, *,
+                 kill_signal: int, timeout: float | None) -> None:
+        AsyncEndpoint.__init__(self, channel)
+        self._init_process(popen, spec, kill_signal)
+        self._arm_timeout(timeout)
+
+    async def wait(self, timeout: float | None = None) -> int:
+        """Wait for exit without blocking the loop; return the returncode."""
+        if timeout is not None:
+            try:
+                return await asyncio.wait_for(self.wait(), timeout)
+            except asyncio.TimeoutError:
+                raise WaitTimeout(f"child {self.pid} still running after {timeout} s") from None
+        code = self._popen.poll()
+        if code is None:
+            code = await _exited(self._popen)
+        self._cancel_timeout()
+        return code
+
+    async def close(self, grace: float = DEFAULT_GRACE) -> int:
+        """Disconnect, wait ``grace`` seconds, then stop the child (TERM, then KILL)."""
+        self.disconnect()
+        for sig, wait_for in ((None, grace), (self.kill_signal, 1.0), (signal.SIGKILL, None)):
+            if sig is not None:
+                self.kill(sig)
+            try:
+                return await self.wait(wait_for)
+            except WaitTimeout:
+                continue
+        raise AssertionError("unreachable")
+
+    async def __aenter__(self) -> AsyncChildProcess:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return self._describe("AsyncChildProcess", self.connected)
+
+
+async def _exited(popen: subprocess.Popen[bytes]) -> int:
+    """Await a process's exit: a pidfd in the event loop where there is one, else a thread."""
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except (AttributeError, OSError):
+        return await loop.run_in_executor(None, popen.wait)
+    try:
+        ready = loop.create_future()
+        loop.add_reader(pidfd, lambda: ready.done() or ready.set_result(None))
+        try:
+            if popen.poll() is None:
+                await ready
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
+    return popen.wait()
+
+
+async def afork(script: str | os.PathLike[str] | None = None, args: Sequence[str] = (), *,
+                module: str | None = None, cwd: str | None = None, env: dict[str, str] | None = None,
+                executable: str | None = None, exec_args: Sequence[str] = (), stdio: str = "inherit",
+                serialization: str | None = None, timeout: float | None = None,
+                kill_signal: int = signal.SIGTERM, detached: bool = False,
+                max_frame_size: int = DEFAULT_MAX_FRAME) -> AsyncChildProcess:
+    """``fork()`` for asyncio code: the same options, an ``AsyncChildProcess`` back."""
+    spec = build_spec(os.fspath(script) if script is not None else None, args, module=module, cwd=cwd,
+                      env=env, executable=executable, exec_args=exec_args, stdio=stdio,
+                      serialization=serialization, detached=detached)
+    popen, sock = await asyncio.wrap_future(submit_start(spec))
+    channel = Channel(sock, serialization=spec.serialization, max_frame_size=max_frame_size)
+    return AsyncChildProcess(popen, channel, spec, kill_signal=kill_signal, timeout=timeout)
+
+
+class AsyncParent(AsyncEndpoint):
+    """The channel to the parent process, for asyncio code: ``await aparent.recv()``."""
+
+    def __init__(self, channel: Channel | None, reason: str) -> None:
+        super().__init__(channel)
+        self._reason = reason
+
+    @property
+    def channel(self) -> Channel:
+        if self._channel is None:
+            raise ChannelClosed(self._reason)
+        return self._channel
+
+    def __repr__(self) -> str:
+        return "<forkio.aparent>" if self._channel is not None else "<forkio.aparent (not forked)>"
+
+
+aparent = AsyncParent(_parent.parent._channel, _parent.parent._reason)

@@ -1,0 +1,253 @@
+"""The channel engine: one AF_UNIX stream socket, a codec, and the rules both faces share.
+
+The socket stays in blocking mode: a sync ``send`` or ``recv`` is one system call, and a
+full socket blocks the sender (backpressure). Non-blocking attempts pass ``MSG_DONTWAIT``;
+the asyncio face uses only those, waiting with the event loop's reader and writer callbacks. Either way the same engine decodes,
+orders, answers Node's internal messages and keeps received fds from leaking.
+
+Thread safety: any number of threads may send and receive at once. Sends are serialised by
+a lock (frames never interleave); among receivers, one at a time reads the socket and the
+others wait on a condition for what it decodes.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import select
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from ._codec import DEFAULT_MAX_FRAME, Codec, Incoming, make_codec
+from ._errors import ChannelClosed, ProtocolError, WaitTimeout
+from ._handles import Handle, close_fds, handle_fd, rebuild_handle
+
+RECV_SIZE = 64 * 1024
+_MAX_FDS_PER_READ = 64
+_ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS_PER_READ * 4)
+_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+
+Message = Any
+
+
+def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+            fds.extend(arr)
+    return fds
+
+
+class Channel:
+    """A message channel over a connected AF_UNIX stream socket."""
+
+    def __init__(self, sock: socket.socket, *, serialization: str = "pickle",
+                 max_frame_size: int = DEFAULT_MAX_FRAME) -> None:
+        sock.setblocking(True)
+        self.sock = sock
+        self.serialization = serialization
+        self.codec: Codec = make_codec(serialization, max_frame_size=max_frame_size)
+        self._decoder = self.codec.decoder()
+        self._recv_buffer = bytearray(RECV_SIZE)
+        self._recv_view = memoryview(self._recv_buffer)
+        self._inbox: deque[Incoming] = deque()
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._reading = False
+        self._eof = False
+        self._closed = False
+        self._broken: BaseException | None = None
+        # Used only by the one thread reading at a time, for recv(timeout=...).
+        self._in_poll = select.poll()
+        self._in_poll.register(sock, select.POLLIN)
+
+    # ----------------------------------------------------------------- state
+    @property
+    def connected(self) -> bool:
+        """True until either side closes the channel (or it breaks)."""
+        return not (self._closed or self._eof or self._broken)
+
+    @property
+    def exhausted(self) -> bool:
+        """True once the channel is closed and every message received has been taken."""
+        return not self._inbox and not self.connected
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        """Close this end; the peer sees EOF. Undelivered messages are dropped, their fds closed."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            while self._inbox:
+                close_fds(self._inbox.popleft()[1])
+            self._cond.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes any thread blocked in poll on this socket
+        except OSError:
+            pass
+        with self._send_lock:
+            self.sock.close()
+
+    # ---------------------------------------------------------------- sending
+    def encode(self, message: Message, handle: Handle | None = None) -> tuple[bytes, list[int]]:
+        """Frame bytes and fds for one message; raises ``SerializationError`` and sends nothing."""
+        if handle is None:
+            return self.codec.encode(message), []
+        fd, kind = handle_fd(handle)
+        return self.codec.encode(message, kind), [fd]
+
+    def send(self, message: Message, handle: Handle | None = None) -> None:
+        """Send one message, blocking while the peer is behind (backpressure)."""
+        data, fds = self.encode(message, handle)
+        self.send_bytes(data, fds)
+
+    def send_bytes(self, data: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+        """Write encoded frames whole; blocks while the socket is full (backpressure)."""
+        with self._send_lock:
+            self._check_sendable()
+            try:
+                if fds:
+                    sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                    if sent < len(data):
+                        self.sock.sendall(memoryview(data)[sent:])
+                else:
+                    self.sock.sendall(data)
+            except OSError as exc:  # EPIPE / ECONNRESET: the peer is gone (or we closed meanwhile)
+                raise self._send_failed(exc) from exc
+
+    def try_send(self, view: memoryview | bytes, fds: list[int] = ()) -> int:  # type: ignore[assignment]
+        """One non-blocking write; returns the bytes sent (0 when the socket is full)."""
+        self._check_sendable()
+        try:
+            if fds:
+                return self.sock.sendmsg(
+                    [view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))], socket.MSG_DONTWAIT)
+            return self.sock.send(view, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise self._send_failed(exc) from exc
+
+    def _check_sendable(self) -> None:
+        if self._closed:
+            raise ChannelClosed("channel is closed")
+        if self._broken is not None:
+            raise ChannelClosed("channel is broken") from self._broken
+
+    def _send_failed(self, exc: OSError) -> ChannelClosed:
+        if self._closed:
+            return ChannelClosed("channel is closed")
+        return ChannelClosed(f"peer closed the channel ({exc.strerror or exc})")
+
+    # -------------------------------------------------------------- receiving
+    def read_available(self, *, block: bool = False) -> bool:
+        """Read once (waiting for data if ``block``) and decode. False when there was nothing to read."""
+        try:
+            nbytes, ancdata, _flags, _ = self.sock.recvmsg_into(
+                [self._recv_view], _ANC_SIZE, _RECV_FLAGS if block else _RECV_FLAGS | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except (ConnectionResetError, OSError) as exc:
+            if self._closed:
+                return True
+            nbytes, ancdata = 0, []
+            if not isinstance(exc, ConnectionResetError):
+                self._broken = exc
+        fds = _fds_from_ancdata(ancdata) if ancdata else []
+        if nbytes == 0:
+            close_fds(fds)
+            self._eof = True
+            return True
+        try:
+            items = self._decoder.feed(self._recv_view[:nbytes], fds)
+        except ProtocolError as exc:
+            self._broken = exc
+            self._inbox.append((None, [], None, False, exc))
+            return True
+        for item in items:
+            if item[3]:
+                self._internal(item)
+            else:
+                self._inbox.append(item)
+        return True
+
+    def _internal(self, item: Incoming) -> None:
+        """Node's internal messages: unwrap passed handles and acknowledge them."""
+        msg, fds, handle_kind, _internal, _error = item
+        if isinstance(msg, dict) and msg.get("cmd") == "NODE_HANDLE":
+            try:
+                self.send_bytes(self.codec.encode({"cmd": "NODE_HANDLE_ACK"}))
+            except ChannelClosed:
+                pass
+            self._inbox.append((msg.get("msg"), fds, handle_kind, False, None))
+        else:
+            close_fds(fds)
+
+    def pop(self, with_handle: bool) -> Any:
+        """Take the next decoded message (raising the error that replaced it, if any)."""
+        message, fds, handle_kind, _internal, error = self._inbox.popleft()
+        if error is not None:
+            raise error
+        if not fds:
+            return (message, None) if with_handle else message
+        handle = rebuild_handle(fds[0], handle_kind or "fd")
+        close_fds(fds[1:])
+        if with_handle:
+            return message, handle
+        if isinstance(handle, int):
+            os.close(handle)
+        else:
+            handle.close()
+        return message
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChannelClosed("channel is closed")
+        if self._broken is not None and not isinstance(self._broken, ProtocolError):
+            raise ChannelClosed("channel is broken") from self._broken
+        raise ChannelClosed("peer closed the channel")
+
+    def recv(self, timeout: float | None = None, *, with_handle: bool = False) -> Any:
+        """The next message, waiting up to ``timeout`` seconds (forever when None)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cond = self._cond
+        with cond:
+            while True:
+                if self._inbox:
+                    return self.pop(with_handle)
+                if not self.connected:
+                    self._check_open()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise WaitTimeout(f"no message within {timeout} s")
+                if self._reading:
+                    cond.wait(remaining)
+                    continue
+                self._reading = True
+                cond.release()
+                try:
+                    if remaining is None:
+                        self.read_available(block=True)
+                    elif not self.read_available():
+                        self._in_poll.poll(max(0.0, remaining * 1000))
+                finally:
+                    cond.acquire()
+                    self._reading = False
+                    cond.notify_all()
+
+    def __iter__(self) -> Channel:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return self.recv()
+        except ChannelClosed:
+            raise StopIteration from None

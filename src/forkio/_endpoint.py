@@ -1,0 +1,131 @@
+"""One end of a channel as sync code sees it: ``ChildProcess`` and ``parent`` are endpoints.
+
+The asyncio twin is ``_aio.AsyncEndpoint``; both drive the same ``Channel`` and differ only in
+how they wait.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from ._channel import Channel
+from ._errors import ChannelClosed
+from ._events import EventEmitter
+from ._handles import Handle
+
+
+class Endpoint(EventEmitter):
+    """Sync messaging over a channel, plus ``"message"``/``"disconnect"``/``"error"`` events.
+
+    Adding a ``"message"`` listener starts a reader thread that hands every message to the
+    listeners (as ``callback(message)``, or ``callback(message, handle)`` when the listener
+    takes two arguments); without one, messages wait for ``recv()`` or iteration.
+    """
+
+    _events: tuple[str, ...] = ("message", "disconnect", "error")
+
+    def __init__(self, channel: Channel | None) -> None:
+        super().__init__()
+        self._channel = channel
+        self._reader: threading.Thread | None = None
+        self._disconnect_lock = threading.Lock()
+        self._disconnect_emitted = False
+
+    @property
+    def channel(self) -> Channel:
+        if self._channel is None:
+            raise ChannelClosed(self._no_channel_reason())
+        return self._channel
+
+    def _no_channel_reason(self) -> str:
+        return "no channel"
+
+    @property
+    def connected(self) -> bool:
+        """True while messages can still be sent and received."""
+        return self._channel is not None and self._channel.connected
+
+    def send(self, message: Any, handle: Handle | None = None) -> None:
+        """Send ``message`` (and optionally a socket or fd); blocks only while the peer is behind."""
+        self.channel.send(message, handle)
+
+    def recv(self, timeout: float | None = None, *, with_handle: bool = False) -> Any:
+        """The next message; ``(message, handle_or_None)`` with ``with_handle=True``.
+
+        Raises ``WaitTimeout`` after ``timeout`` seconds and ``ChannelClosed`` once the
+        channel is closed and every message has been received.
+        """
+        try:
+            return self.channel.recv(timeout, with_handle=with_handle)
+        except ChannelClosed:
+            self._emit_disconnect()
+            raise
+
+    def __iter__(self) -> Iterator[Any]:
+        """Every incoming message, in order, until the channel closes."""
+        while True:
+            try:
+                yield self.recv()
+            except ChannelClosed:
+                return
+
+    def disconnect(self) -> None:
+        """Close the channel; the peer sees its end of messages. Idempotent."""
+        if self._channel is not None:
+            self._channel.close()
+        self._emit_disconnect()
+
+    def _emit_disconnect(self) -> None:
+        with self._disconnect_lock:
+            if self._disconnect_emitted:
+                return
+            self._disconnect_emitted = True
+        self.emit("disconnect")
+
+    def _listening(self, event: str) -> None:
+        if event == "message" and self._reader is None and self._channel is not None:
+            self._reader = threading.Thread(target=self._pump, name=f"forkio-reader-{self!r}", daemon=True)
+            self._reader.start()
+
+    def _pump(self) -> None:
+        """Reader thread: deliver messages to listeners until the channel closes."""
+        while True:
+            try:
+                message, handle = self.recv(with_handle=True)
+            except ChannelClosed:
+                return
+            except Exception as exc:  # a message that failed to decode: report, keep reading
+                if not self.emit("error", exc):
+                    import traceback
+
+                    traceback.print_exception(exc)
+                continue
+            self._deliver(message, handle)
+
+    def _deliver(self, message: Any, handle: Handle | None) -> None:
+        with self._listeners_lock:
+            listeners = list(self._listeners.get("message", ()))
+        for callback in listeners:
+            try:
+                if handle is not None or _takes_two(callback):
+                    callback(message, handle)
+                else:
+                    callback(message)
+            except Exception as exc:
+                if not self.emit("error", exc):
+                    import traceback
+
+                    traceback.print_exception(exc)
+
+
+def _takes_two(callback: Any) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)

@@ -1,0 +1,173 @@
+"""``fork()``: the parent's view of a child process and its channel (sync face)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Sequence
+from typing import IO
+
+from ._channel import Channel
+from ._codec import DEFAULT_MAX_FRAME
+from ._endpoint import Endpoint
+from ._errors import WaitTimeout, describe_exit, signal_name
+from ._launch import LaunchSpec, build_spec, start
+
+DEFAULT_GRACE = 5.0
+
+
+class _Process:
+    """What sync and asyncio children share: the OS process, its exit, kill and the timeout."""
+
+    def _init_process(self, popen: subprocess.Popen[bytes], spec: LaunchSpec, kill_signal: int) -> None:
+        self._popen = popen
+        self._spec = spec
+        self.kill_signal = kill_signal
+        self.pid: int = popen.pid
+        self.stdin: IO[bytes] | None = popen.stdin
+        self.stdout: IO[bytes] | None = popen.stdout
+        self.stderr: IO[bytes] | None = popen.stderr
+        self._timer: threading.Timer | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        """As ``subprocess`` reports it: the exit code, or minus the signal number; None while running."""
+        return self._popen.poll()
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit status if the child exited normally; None while it runs or if a signal killed it."""
+        code = self._popen.poll()
+        return code if code is not None and code >= 0 else None
+
+    @property
+    def signal_code(self) -> str | None:
+        """The name of the signal that killed the child (``"SIGKILL"``), or None."""
+        code = self._popen.poll()
+        return signal_name(-code) if code is not None and code < 0 else None
+
+    @property
+    def killed(self) -> bool:
+        return self.signal_code is not None
+
+    def kill(self, sig: int = signal.SIGTERM) -> bool:
+        """Send ``sig`` to the child; False if it has already exited."""
+        if self._popen.poll() is not None:
+            return False
+        try:
+            self._popen.send_signal(sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _arm_timeout(self, timeout: float | None) -> None:
+        if timeout is not None:
+            self._timer = threading.Timer(timeout, self.kill, (self.kill_signal,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _cancel_timeout(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _describe(self, kind: str, connected: bool) -> str:
+        code = self._popen.poll()
+        state = "running" if code is None else describe_exit(code)
+        what = self._spec.label
+        chan = "connected" if connected else "disconnected"
+        return f"<forkio.{kind} pid={self.pid} {what!r} {self._spec.serialization} {chan} {state}>"
+
+
+class ChildProcess(_Process, Endpoint):
+    """A running child with a message channel (sync face). Create with ``forkio.fork()``.
+
+    Events: ``"message"`` (message[, handle]), ``"disconnect"``, ``"exit"`` (exit_code,
+    signal_name) and ``"error"`` (exception). ``"exit"`` fires once, after the reader has
+    delivered every message.
+    """
+
+    _events = ("message", "disconnect", "exit", "error")
+
+    def __init__(self, popen: subprocess.Popen[bytes], channel: Channel, spec: LaunchSpec, *,
+                 kill_signal: int, timeout: float | None) -> None:
+        Endpoint.__init__(self, channel)
+        self._init_process(popen, spec, kill_signal)
+        self._exit_lock = threading.Lock()
+        self._exit_emitted = False
+        self._watcher: threading.Thread | None = None
+        self._arm_timeout(timeout)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the child to exit; return its returncode (negative signal number if killed)."""
+        try:
+            code = self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise WaitTimeout(f"child {self.pid} still running after {timeout} s") from None
+        self._cancel_timeout()
+        return code
+
+    def _listening(self, event: str) -> None:
+        super()._listening(event)
+        if event == "exit" and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch_exit, name=f"forkio-exit-{self.pid}", daemon=True)
+            self._watcher.start()
+
+    def _watch_exit(self) -> None:
+        code = self.wait()
+        reader = self._reader
+        if reader is not None:
+            reader.join(1.0)  # let the reader deliver what the child sent before exiting
+        with self._exit_lock:
+            if self._exit_emitted:
+                return
+            self._exit_emitted = True
+        self.emit("exit", code if code >= 0 else None, signal_name(-code) if code < 0 else None)
+
+    def close(self, grace: float = DEFAULT_GRACE) -> int:
+        """Disconnect, give the child ``grace`` seconds to exit, then stop it (TERM, then KILL)."""
+        self.disconnect()
+        for sig, wait_for in ((None, grace), (self.kill_signal, 1.0), (signal.SIGKILL, None)):
+            if sig is not None:
+                self.kill(sig)
+            try:
+                code = self.wait(wait_for)
+                break
+            except WaitTimeout:
+                continue
+        for stream in (self.stdin, self.stdout, self.stderr):
+            if stream is not None:
+                stream.close()
+        return code
+
+    def __enter__(self) -> ChildProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return self._describe("ChildProcess", self.connected)
+
+
+def fork(script: str | os.PathLike[str] | None = None, args: Sequence[str] = (), *,
+         module: str | None = None, cwd: str | None = None, env: dict[str, str] | None = None,
+         executable: str | None = None, exec_args: Sequence[str] = (), stdio: str = "inherit",
+         serialization: str | None = None, timeout: float | None = None,
+         kill_signal: int = signal.SIGTERM, detached: bool = False,
+         max_frame_size: int = DEFAULT_MAX_FRAME) -> ChildProcess:
+    """Start a Python script or module (or a Node script) as a child with a message channel.
+
+    Like Node's ``child_process.fork()``: the child finds the channel through
+    ``NODE_CHANNEL_FD`` and talks back with ``forkio.parent``. ``serialization`` is
+    ``"pickle"`` by default for Python children and ``"json"`` (Node's wire format) for Node
+    children. ``timeout`` stops the child with ``kill_signal`` after that many seconds.
+    Unless ``detached``, the child exits when this process dies.
+    """
+    spec = build_spec(os.fspath(script) if script is not None else None, args, module=module, cwd=cwd,
+                      env=env, executable=executable, exec_args=exec_args, stdio=stdio,
+                      serialization=serialization, detached=detached)
+    popen, sock = start(spec)
+    channel = Channel(sock, serialization=spec.serialization, max_frame_size=max_frame_size)
+    return ChildProcess(popen, channel, spec, kill_signal=kill_signal, timeout=timeout)
