@@ -107,7 +107,8 @@ class AsyncEndpoint:
         if self._reading:
             self._reading = False
             try:
-                self._loop.remove_reader(channel.fileno())
+                if self._loop is not None:
+                    self._loop.remove_reader(channel.fileno())
             except (ValueError, OSError, RuntimeError):
                 pass
 

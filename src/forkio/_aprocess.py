@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Sequence
 
 from . import _parent
-from ._aio import AsyncEndpoint
+from ._aio import AsyncEndpoint, _resolve
 from ._channel import Channel
 from ._codec import DEFAULT_MAX_FRAME
 from ._errors import ChannelClosed, WaitTimeout
@@ -73,7 +73,7 @@ async def _exited(popen: subprocess.Popen[bytes]) -> int:
         return await loop.run_in_executor(None, popen.wait)
     try:
         ready = loop.create_future()
-        loop.add_reader(pidfd, lambda: ready.done() or ready.set_result(None))
+        loop.add_reader(pidfd, _resolve, ready)
         try:
             if popen.poll() is None:
                 await ready

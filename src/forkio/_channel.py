@@ -2,8 +2,8 @@
 
 The socket stays in blocking mode: a sync ``send`` or ``recv`` is one system call, and a
 full socket blocks the sender (backpressure). Non-blocking attempts pass ``MSG_DONTWAIT``;
-the asyncio face uses only those, waiting with the event loop's reader and writer callbacks. Either way the same engine decodes,
-orders, answers Node's internal messages and keeps received fds from leaking.
+the asyncio face uses only those, waiting with the event loop's reader and writer callbacks.
+Either way the same engine decodes, orders, answers Node's internal messages and keeps received fds from leaking.
 
 Thread safety: any number of threads may send and receive at once. Sends are serialised by
 a lock (frames never interleave); among receivers, one at a time reads the socket and the
@@ -50,6 +50,7 @@ class Channel:
                  max_frame_size: int = DEFAULT_MAX_FRAME) -> None:
         sock.setblocking(True)
         self.sock = sock
+        self.fd = sock.fileno()  # kept after close, to unregister from event loops
         self.serialization = serialization
         self.codec: Codec = make_codec(serialization, max_frame_size=max_frame_size)
         self._decoder = self.codec.decoder()
@@ -78,7 +79,7 @@ class Channel:
         return not self._inbox and not self.connected
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return self.fd
 
     def close(self) -> None:
         """Close this end; the peer sees EOF. Undelivered messages are dropped, their fds closed."""
@@ -89,8 +90,11 @@ class Channel:
             while self._inbox:
                 close_fds(self._inbox.popleft()[1])
             self._cond.notify_all()
+        self._release_socket()
+
+    def _release_socket(self) -> None:
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes any thread blocked in poll on this socket
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes any thread blocked on this socket
         except OSError:
             pass
         with self._send_lock:
@@ -165,6 +169,7 @@ class Channel:
         if nbytes == 0:
             close_fds(fds)
             self._eof = True
+            self._release_socket()  # nothing more can come: give the fd back now
             return True
         try:
             items = self._decoder.feed(self._recv_view[:nbytes], fds)

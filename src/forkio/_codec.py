@@ -201,7 +201,8 @@ class JsonDecoder:
             if not line.strip():
                 continue  # Node never sends blank lines; tolerate them rather than fail
             if len(line) > self._max:
-                out.append((None, _NO_FDS, None, False, ProtocolError(f"message line longer than max_frame_size={self._max}")))
+                too_long = ProtocolError(f"message line longer than max_frame_size={self._max}")
+                out.append((None, _NO_FDS, None, False, too_long))
                 continue
             try:
                 obj = self._loads(line.decode("utf-8"))

@@ -24,9 +24,9 @@ STDIO_MODES = ("inherit", "pipe", "ignore")
 _FORKIO_PATH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Run in the child by ``python -c``: find forkio wherever the parent found it, then step aside.
 _BOOTSTRAP = (
-    "import sys; sys.path.insert(0, {path!r}); import forkio._bootstrap as b; "
+    f"import sys; sys.path.insert(0, {_FORKIO_PATH!r}); import forkio._bootstrap as b; "
     "del sys.path[0]; b.main()"
-).format(path=_FORKIO_PATH)
+)
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,11 @@ def build_spec(script: str | None, args: Sequence[str], *, module: str | None, c
         argv = [executable or "node", *exec_args, os.fspath(script), *args]  # type: ignore[arg-type]
     else:
         serialization = serialization or "pickle"
-        target = ["script", os.path.abspath(os.path.join(cwd or "", os.fspath(script)))] if script else ["module", module]
-        argv = [executable or sys.executable, *exec_args, "-c", _BOOTSTRAP, *target, *args]  # type: ignore[list-item]
+        if script is not None:
+            target = ["script", os.path.abspath(os.path.join(cwd or "", os.fspath(script)))]
+        else:
+            target = ["module", str(module)]
+        argv = [executable or sys.executable, *exec_args, "-c", _BOOTSTRAP, *target, *args]
     if serialization not in ("pickle", "json"):
         raise ValueError(f"serialization must be 'pickle' or 'json', not {serialization!r}")
     child_env = dict(os.environ if env is None else env)

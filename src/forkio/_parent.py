@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import socket
+
 from ._channel import Channel
 from ._endpoint import Endpoint
-from ._errors import ChannelClosed
 
 _NOT_FORKED = "this process was not started by forkio.fork() or Node's fork(): it has no parent channel"
 

@@ -1,0 +1,49 @@
+"""The ``forkio`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import forkio
+
+    started = time.perf_counter()
+    children = [forkio.fork(module="forkio._demo_worker") for _ in range(args.children)]
+    for child in children:
+        hello = child.recv(timeout=30)
+        print(f"child {hello['hello']} is up ({(time.perf_counter() - started) * 1000:.1f} ms after the first fork)")
+    for n in range(args.jobs):
+        children[n % len(children)].send({"n": n})
+    for n in range(args.jobs):
+        reply = children[n % len(children)].recv(timeout=30)
+        print(f"  {reply['n']}² = {reply['square']}  (from child {reply['pid']})")
+    rounds = 2000
+    t0 = time.perf_counter()
+    for n in range(rounds):
+        children[0].send({"n": n})
+        children[0].recv(timeout=30)
+    print(f"round trip, parent -> child -> parent: {(time.perf_counter() - t0) / rounds * 1e6:.1f} µs")
+    for child in children:
+        child.close()
+        print(f"{child!r}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``forkio`` command."""
+    parser = argparse.ArgumentParser(prog="forkio", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="fork a few children and exchange messages with them")
+    demo.add_argument("--children", type=int, default=3)
+    demo.add_argument("--jobs", type=int, default=6)
+    demo.set_defaults(run=_demo)
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The asyncio face: afork, await send/recv, async for; never blocks the loop; cancellation loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+import forkio
+from forkio import ChannelClosed, SerializationError, WaitTimeout
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_afork_round_trip_and_async_for(children: Path) -> None:
+    async def main() -> list[object]:
+        async with await forkio.afork(children / "aecho.py") as child:
+            assert await child.recv(timeout=10) == "ready"
+            for i in range(5):
+                await child.send({"i": i})
+            child_msgs = [await child.recv(timeout=5) for _ in range(5)]
+            child.disconnect()
+            assert await child.wait(timeout=10) == 0
+            return child_msgs
+
+    assert run(main()) == [{"i": i} for i in range(5)]
+
+
+def test_async_iteration_ends_at_disconnect(children: Path) -> None:
+    async def main() -> list[int]:
+        child = await forkio.afork(children / "say_then_exit.py", ["30"])
+        got = [m["i"] async for m in child]
+        assert await child.wait(timeout=10) == 7
+        return got
+
+    assert run(main()) == list(range(30))
+
+
+def test_cancelled_recv_loses_no_message(children: Path) -> None:
+    """A recv cancelled by a timeout leaves the next message for the next recv."""
+
+    async def main() -> list[object]:
+        async with await forkio.afork(children / "aecho.py") as child:
+            await child.recv(timeout=10)
+            received = []
+            for i in range(50):
+                pending = asyncio.ensure_future(child.recv())
+                await asyncio.sleep(0)
+                pending.cancel()
+                await child.send(i)
+                received.append(await child.recv(timeout=5))
+            return received
+
+    assert run(main()) == list(range(50))
+
+
+def test_loop_stays_responsive_while_waiting(children: Path) -> None:
+    """While a recv waits, other tasks keep running (the loop is not blocked)."""
+
+    async def main() -> int:
+        async with await forkio.afork(children / "sleeper.py") as child:
+            await child.recv(timeout=10)
+            ticks = 0
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.005)
+
+            task = asyncio.ensure_future(ticker())
+            with pytest.raises(WaitTimeout):
+                await child.recv(timeout=0.3)
+            task.cancel()
+            child.kill()
+            return ticks
+
+    assert run(main()) > 10
+
+
+def test_async_errors(children: Path) -> None:
+    async def main() -> None:
+        child = await forkio.afork(children / "aecho.py")
+        await child.recv(timeout=10)
+        with pytest.raises(SerializationError):
+            await child.send(lambda: 0)
+        await child.send("ok")
+        assert await child.recv(timeout=5) == "ok"
+        child.disconnect()
+        with pytest.raises(ChannelClosed):
+            await child.send("closed")
+        await child.wait(timeout=10)
+
+    run(main())
+
+
+def test_async_wait_and_kill(children: Path) -> None:
+    async def main() -> None:
+        child = await forkio.afork(children / "sleeper.py")
+        await child.recv(timeout=10)
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout):
+            await child.wait(timeout=0.1)
+        child.kill()
+        assert await child.wait(timeout=10) < 0
+        assert child.signal_code == "SIGTERM"
+        assert time.monotonic() - started < 5
+        await child.close()
+
+    run(main())
+
+
+def test_backpressure_does_not_block_the_loop(children: Path) -> None:
+    """Sending far more than the socket holds awaits drain instead of blocking the loop or failing."""
+
+    async def main() -> int:
+        async with await forkio.afork(children / "aecho.py") as child:
+            await child.recv(timeout=10)
+            payload = "x" * 64 * 1024
+            count = 64  # 4 MB each way, far beyond socket buffers
+
+            async def sender() -> None:
+                for _ in range(count):
+                    await child.send(payload)
+
+            task = asyncio.ensure_future(sender())
+            got = 0
+            while got < count:
+                assert await child.recv(timeout=10) == payload
+                got += 1
+            await task
+            return got
+
+    assert run(main()) == 64
