@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -11,6 +12,9 @@ import psutil
 import pytest
 
 CHILDREN = Path(__file__).parent / "children"
+
+# Pool workers import task functions by module name (tests/pool_tasks.py): let them find it.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
 
 
 def _live_children() -> list[psutil.Process]:

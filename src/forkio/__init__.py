@@ -27,6 +27,14 @@ if TYPE_CHECKING:
     from ._aprocess import AsyncParent as AsyncParent
     from ._aprocess import afork as afork
     from ._aprocess import aparent as aparent
+    from ._pool import Pool as Pool
+    from ._pool import PoolClosed as PoolClosed
+    from ._pool import RemoteError as RemoteError
+    from ._pool import TaskFuture as TaskFuture
+    from ._pool_stream import TaskOptions as TaskOptions
+    from ._pool_stream import TaskResult as TaskResult
+    from ._pool_worker import progress as progress
+    from ._pool_worker import report as report
     from ._process import ChildProcess as ChildProcess
     from ._process import fork as fork
 
@@ -39,6 +47,14 @@ _LAZY = {
     "aparent": "._aprocess",
     "ChildProcess": "._process",
     "fork": "._process",
+    "Pool": "._pool",
+    "PoolClosed": "._pool",
+    "RemoteError": "._pool",
+    "TaskFuture": "._pool",
+    "TaskOptions": "._pool_stream",
+    "TaskResult": "._pool_stream",
+    "progress": "._pool_worker",
+    "report": "._pool_worker",
 }
 
 
@@ -62,8 +78,14 @@ __all__ = [
     "ChildProcess",
     "ForkioError",
     "Parent",
+    "Pool",
+    "PoolClosed",
     "ProtocolError",
+    "RemoteError",
     "SerializationError",
+    "TaskFuture",
+    "TaskOptions",
+    "TaskResult",
     "TaskTimeout",
     "WaitTimeout",
     "WorkerCrashed",
@@ -71,4 +93,6 @@ __all__ = [
     "aparent",
     "fork",
     "parent",
+    "progress",
+    "report",
 ]

@@ -1,0 +1,273 @@
+"""The pool's decisions, as a pure state machine: no processes, no sockets, no clocks.
+
+The pool's I/O thread reports what happened (a task was submitted, a worker became ready,
+results arrived, a worker died, time passed, a task was cancelled) and carries out the
+actions returned. Every rule about which task goes where, what a death means, when a task
+has timed out, when to retry and when to recycle a worker lives here, and is tested without
+starting a process.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# How long a batch sent to one worker should keep it busy: long enough to amortise the
+# round trip, short enough that the last tasks still spread over every worker.
+TARGET_BATCH_SECONDS = 0.002
+MAX_BATCH = 512
+
+
+@dataclass(eq=False)
+class Task:
+    """One call to run. ``payload`` is the pickled ``(fn, args, kwargs)``."""
+
+    id: int
+    payload: bytes
+    timeout: float | None = None
+    retries: int = 0
+    on_message: Callable[[Any], None] | None = None
+    future: Any = None
+    attempts: int = 0
+    cancelled: bool = False
+    deadline: float | None = None
+
+
+@dataclass(eq=False)
+class Worker:
+    """The scheduler's view of one worker process."""
+
+    id: int
+    ready: bool = False
+    assigned: deque[Task] = field(default_factory=deque)
+    tasks_done: int = 0
+    failures: int = 0
+    retiring: bool = False
+    stopping: str | None = None  # why we are killing it: "timeout" or "cancel"
+    rss: int | None = None
+    pid: int | None = None
+
+
+# ---- actions: what the I/O layer must do ------------------------------------------------
+@dataclass
+class Dispatch:
+    worker: Worker
+    tasks: list[Task]
+
+
+@dataclass
+class Resolve:
+    task: Task
+    ok: bool
+    value: Any  # the result, or the exception to raise in the caller
+
+
+@dataclass
+class Kill:
+    worker: Worker
+
+
+@dataclass
+class Retire:
+    worker: Worker  # ask it to exit once it is idle
+
+
+@dataclass
+class Spawn:
+    count: int
+
+
+@dataclass
+class SkipTask:
+    worker: Worker
+    task: Task
+
+
+Action = Dispatch | Resolve | Kill | Retire | Spawn | SkipTask
+
+
+class Failure:
+    """Why a task failed without an exception of its own: built into errors by the I/O layer."""
+
+    def __init__(self, kind: str, worker: Worker, detail: Any = None) -> None:
+        self.kind = kind  # "crashed" or "timeout"
+        self.worker = worker
+        self.detail = detail
+
+
+class Scheduler:
+    """Assigns tasks to workers and decides what every event means."""
+
+    def __init__(self, size: int, *, max_tasks_per_worker: int | None = None,
+                 max_memory_per_worker: int | None = None) -> None:
+        self.size = size
+        self.max_tasks = max_tasks_per_worker
+        self.max_memory = max_memory_per_worker
+        self.queue: deque[Task] = deque()
+        self.workers: dict[int, Worker] = {}
+        self.avg_seconds: float | None = None  # moving average of a task's run time
+        self.closing = False
+
+    # ---- events ---------------------------------------------------------------------------
+    def add_worker(self, worker: Worker) -> None:
+        self.workers[worker.id] = worker
+
+    def submit(self, task: Task, now: float) -> list[Action]:
+        self.queue.append(task)
+        return self._dispatch(now)
+
+    def worker_ready(self, worker: Worker, now: float) -> list[Action]:
+        worker.ready = True
+        return self._dispatch(now)
+
+    def task_finished(self, worker: Worker, task_id: int, ok: bool, value: Any, seconds: float,
+                      now: float) -> list[Action]:
+        actions: list[Action] = []
+        if not worker.assigned or worker.assigned[0].id != task_id:
+            return actions  # a result for a task we already gave up on
+        task = worker.assigned.popleft()
+        worker.tasks_done += 1
+        if not ok:
+            worker.failures += 1
+        self.avg_seconds = seconds if self.avg_seconds is None else 0.8 * self.avg_seconds + 0.2 * seconds
+        if not task.cancelled:
+            actions.append(Resolve(task, ok, value))
+        if not worker.retiring and self._worn_out(worker):
+            worker.retiring = True
+        if worker.retiring and not worker.assigned:
+            actions.append(Retire(worker))
+            actions.append(Spawn(1))
+            del self.workers[worker.id]
+        actions.extend(self._dispatch(now))
+        return actions
+
+    def memory_report(self, worker: Worker, rss: int | None) -> None:
+        worker.rss = rss
+
+    def worker_died(self, worker: Worker, failure: Failure, now: float) -> list[Action]:
+        """A worker exited: fail or retry the task it was running, requeue the rest, replace it."""
+        actions: list[Action] = []
+        self.workers.pop(worker.id, None)
+        if worker.assigned:
+            running = worker.assigned.popleft()
+            if worker.stopping == "timeout":
+                failure = Failure("timeout", worker, running.timeout)
+            if running.cancelled:
+                pass
+            elif running.attempts <= running.retries:
+                self.queue.appendleft(running)
+            else:
+                actions.append(Resolve(running, False, failure))
+            # Tasks it had queued never started: back to the front, in order, unharmed.
+            self.queue.extendleft(reversed([t for t in worker.assigned if not t.cancelled]))
+            worker.assigned.clear()
+        if not self.closing or self.queue:
+            actions.append(Spawn(1))
+        actions.extend(self._dispatch(now))
+        return actions
+
+    def cancel(self, task: Task) -> list[Action]:
+        """The caller cancelled ``task``: drop it if queued, skip it if sent, stop it if running."""
+        task.cancelled = True
+        if task in self.queue:
+            self.queue.remove(task)
+            return []
+        for worker in self.workers.values():
+            if task in worker.assigned:
+                if worker.assigned[0] is task:
+                    worker.stopping = "cancel"
+                    return [Kill(worker)]
+                return [SkipTask(worker, task)]
+        return []
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed: stop the workers whose running task is past its deadline."""
+        actions: list[Action] = []
+        for worker in self.workers.values():
+            if worker.assigned and worker.stopping is None:
+                head = worker.assigned[0]
+                if head.deadline is not None and now >= head.deadline:
+                    worker.stopping = "timeout"
+                    actions.append(Kill(worker))
+        return actions
+
+    def next_deadline(self) -> float | None:
+        deadlines = [w.assigned[0].deadline for w in self.workers.values()
+                     if w.assigned and w.assigned[0].deadline is not None and w.stopping is None]
+        return min(deadlines) if deadlines else None
+
+    def close(self) -> list[Action]:
+        """No more submissions: retire workers as they go idle."""
+        self.closing = True
+        return self._retire_idle()
+
+    def fail_all_queued(self, error: BaseException) -> list[Action]:
+        actions: list[Action] = [Resolve(t, False, error) for t in self.queue if not t.cancelled]
+        self.queue.clear()
+        return actions
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue) or any(w.assigned for w in self.workers.values())
+
+    # ---- policy ---------------------------------------------------------------------------
+    def _worn_out(self, worker: Worker) -> bool:
+        if self.max_tasks is not None and worker.tasks_done + len(worker.assigned) >= self.max_tasks:
+            return True
+        return self.max_memory is not None and worker.rss is not None and worker.rss > self.max_memory
+
+    def _batch_size(self) -> int:
+        """How many tasks to hand one worker at once, from how long tasks have been taking."""
+        if self.avg_seconds is None:
+            return 1
+        wanted = MAX_BATCH if self.avg_seconds <= 0 else int(TARGET_BATCH_SECONDS / self.avg_seconds)
+        # Split what is queued and in hand evenly over every worker, counting those still
+        # starting, so the first worker up does not take everything and none idles at the tail.
+        alive = [w for w in self.workers.values() if not w.retiring]
+        in_hand = sum(len(w.assigned) for w in alive)
+        fair_share = math.ceil((len(self.queue) + in_hand) / (len(alive) or 1))
+        return max(1, min(wanted, MAX_BATCH, fair_share))
+
+    def _dispatch(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if not self.queue:
+            return actions + self._retire_idle() if self.closing else actions
+        batch_size = self._batch_size()
+        for worker in self.workers.values():
+            if not self.queue:
+                break
+            if not worker.ready or worker.retiring or worker.stopping:
+                continue
+            room = batch_size - len(worker.assigned)
+            if self.max_tasks is not None:
+                room = min(room, self.max_tasks - worker.tasks_done - len(worker.assigned))
+            sent: list[Task] = []
+            while room > 0 and self.queue:
+                task = self.queue[0]
+                if task.timeout is not None and (worker.assigned or sent):
+                    break  # a task with a deadline runs alone, so its clock starts when it starts
+                self.queue.popleft()
+                task.attempts += 1
+                if task.timeout is not None:
+                    task.deadline = now + task.timeout
+                sent.append(task)
+                room -= 1
+                if task.timeout is not None:
+                    break
+            if sent:
+                worker.assigned.extend(sent)
+                actions.append(Dispatch(worker, sent))
+        if self.closing:
+            actions.extend(self._retire_idle())
+        return actions
+
+    def _retire_idle(self) -> list[Action]:
+        if self.queue:
+            return []
+        idle = [w for w in self.workers.values() if not w.assigned]
+        for worker in idle:
+            del self.workers[worker.id]
+        return [Retire(w) for w in idle]

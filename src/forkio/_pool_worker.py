@@ -1,0 +1,201 @@
+"""The worker side of ``forkio.Pool``: run the tasks the pool sends, report results in batches.
+
+Protocol (pickle frames over the worker's forkio channel):
+
+    pool -> worker   ("init", sys_path, main_path, report_rss, (initializer, initargs) pickled)   first
+                     ("tasks", [(task_id, payload), ...])            payload = pickled (fn, args, kwargs)
+                     ("cancel", task_id)                             skip it if it has not started
+    worker -> pool   ("ready", pid) | ("init-failed", error)
+                     ("results", [(task_id, status, payload, seconds), ...], rss_or_None)
+                     ("message", task_id, message)                   from progress() / report()
+
+Tasks run one at a time, in the order received, so the pool always knows which task a dead
+worker was running: the first one it sent and has not seen a result for. Results are sent
+when the local queue runs dry, or every few milliseconds while it does not.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from typing import Any
+
+from ._errors import ChannelClosed
+from ._parent import parent
+
+OK, RAISED = 0, 1
+FLUSH_EVERY = 0.005  # seconds: how long results may wait while more tasks are queued
+CHECK_CANCELS_EVERY = 0.0002
+
+_current_task: int | None = None
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle ``obj``; fall back to cloudpickle (if installed) for lambdas, closures and the like."""
+    try:
+        return pickle.dumps(obj, 5)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        try:
+            import cloudpickle  # type: ignore[import-untyped]
+        except ImportError:
+            raise exc from None
+        return bytes(cloudpickle.dumps(obj, 5))
+
+
+_main_path: str | None = None
+
+
+def loads(payload: bytes) -> Any:
+    """Unpickle a task. Functions from the caller's ``__main__`` are found by loading its main
+    script here under the name ``__mp_main__`` (as multiprocessing does), on first need."""
+    try:
+        return pickle.loads(payload)
+    except AttributeError:
+        if _main_path is None or "__mp_main__" in sys.modules:
+            raise
+    import runpy
+    import types
+
+    module = types.ModuleType("__mp_main__")
+    sys.modules["__mp_main__"] = module
+    module.__dict__.update(runpy.run_path(_main_path, run_name="__mp_main__"))
+    sys.modules["__main__"] = module
+    return pickle.loads(payload)
+
+
+def encode_error(exc: BaseException) -> bytes:
+    """An exception with its traceback text, pickled; one that cannot be pickled travels as text."""
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        return pickle.dumps((exc, tb_text), 5)
+    except Exception:
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        return pickle.dumps((None, (name, str(exc), tb_text)), 5)
+
+
+def progress(done: float, total: float | None = None) -> None:
+    """Inside a pool task: tell the caller how far the task has got (``on_progress`` receives it)."""
+    report(("__forkio_progress__", done, total))
+
+
+def report(message: Any) -> None:
+    """Inside a pool task: send ``message`` to the caller now (``on_message`` receives it).
+
+    Outside a pool task this does nothing, so task code can call it unconditionally.
+    """
+    if _current_task is None or not parent.connected:
+        return
+    _worker.flush()
+    parent.send(("message", _current_task, message))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Worker:
+    def __init__(self) -> None:
+        self.results: list[tuple[int, int, bytes, float]] = []
+        self.report_rss = False
+        self.cancelled: set[int] = set()
+        self.last_flush = time.perf_counter()
+
+    def flush(self) -> None:
+        if self.results:
+            rss = _rss() if self.report_rss else None
+            parent.send(("results", self.results, rss))
+            self.results = []
+        self.last_flush = time.perf_counter()
+
+    def handle(self, message: tuple[Any, ...], queue: deque[tuple[int, bytes]]) -> bool:
+        kind = message[0]
+        if kind == "tasks":
+            queue.extend(message[1])
+        elif kind == "cancel":
+            self.cancelled.add(message[1])
+        elif kind == "exit":
+            return False
+        return True
+
+    def run(self) -> None:
+        global _current_task
+        channel = parent.channel
+        queue: deque[tuple[int, bytes]] = deque()
+        last_check = time.perf_counter()
+        perf = time.perf_counter
+        while True:
+            if not queue:
+                self.flush()
+                try:
+                    message = parent.recv()
+                except Exception:
+                    return  # the pool disconnected (or broke the channel): nothing left to do
+                if not self.handle(message, queue):
+                    return
+                continue
+            now = perf()
+            if now - last_check > CHECK_CANCELS_EVERY:
+                # Between tasks, take in what the pool sent meanwhile (cancels, more tasks).
+                last_check = now
+                channel.read_available()
+                while channel._inbox:
+                    if not self.handle(channel.pop(False), queue):
+                        return
+            task_id, payload = queue.popleft()
+            if task_id in self.cancelled:
+                self.cancelled.discard(task_id)
+                continue
+            _current_task = task_id
+            started = perf()
+            try:
+                fn, args, kwargs = loads(payload)
+                result = dumps(fn(*args, **kwargs))
+                status = OK
+            except BaseException as exc:
+                result, status = encode_error(exc), RAISED
+            finished = perf()
+            _current_task = None
+            self.results.append((task_id, status, result, finished - started))
+            if finished - self.last_flush > FLUSH_EVERY:
+                self.flush()
+
+
+_worker = _Worker()
+
+
+def main() -> None:
+    # Ctrl-C reaches the whole process group: the pool in the parent decides what stops, not us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _main_path
+    try:
+        _init, sys_path, _main_path, report_rss, initializer_payload = parent.recv()
+    except ChannelClosed:
+        return  # the pool closed before we started: nothing to do
+    sys.path[:] = sys_path  # find what the caller finds, as multiprocessing's spawn does
+    _worker.report_rss = report_rss
+    try:
+        initializer, initargs = loads(initializer_payload)
+        if initializer is not None:
+            initializer(*initargs)
+    except BaseException as exc:
+        parent.send(("init-failed", encode_error(exc)))
+        sys.exit(3)
+    try:
+        parent.send(("ready", os.getpid()))
+        _worker.run()
+    except ChannelClosed:
+        pass  # the pool let us go
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, not this __main__ copy's: progress() and report(), called
+    # from tasks, live in forkio._pool_worker and must see the task that is running.
+    from forkio._pool_worker import main as _main
+
+    _main()

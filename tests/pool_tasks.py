@@ -1,0 +1,121 @@
+"""Task functions for the pool tests (workers import them by name)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import forkio
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def pid_of(_: object = None) -> int:
+    return os.getpid()
+
+
+def fail(message: str) -> None:
+    raise KeyError(message)
+
+
+class Unpicklable(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def fail_unpicklably(message: str) -> None:
+    raise Unpicklable(message)
+
+
+def return_unpicklable() -> Any:
+    return threading.Lock()
+
+
+def die(how: str) -> None:
+    if how == "exit":
+        os._exit(13)
+    if how == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_if(x: int, bad: int) -> int:
+    if x == bad:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * 2
+
+
+def sleep_then(seconds: float, value: Any = None) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def hang_if(x: int, bad: int) -> int:
+    if x == bad:
+        time.sleep(600)
+    return x
+
+
+def mark_then_hang(path: str) -> None:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def flaky(counter_file: str, failures: int) -> str:
+    """Die the first `failures` times (counted in a file), then succeed."""
+    path = Path(counter_file)
+    count = int(path.read_text()) if path.exists() else 0
+    path.write_text(str(count + 1))
+    if count < failures:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return f"ok after {count} failures"
+
+
+def with_progress(steps: int) -> str:
+    for i in range(1, steps + 1):
+        forkio.progress(i, steps)
+    forkio.report({"note": "almost done"})
+    return "done"
+
+
+def grow_memory(megabytes: int) -> int:
+    global _hoard
+    _hoard = bytearray(megabytes * 1024 * 1024)
+    for i in range(0, len(_hoard), 4096):
+        _hoard[i] = 1
+    return os.getpid()
+
+
+_hoard = bytearray()
+_initialized: Any = None
+
+
+def init_worker(value: Any) -> None:
+    global _initialized
+    _initialized = value
+
+
+def initialized(_: object = None) -> Any:
+    return _initialized
+
+
+def bad_init() -> None:
+    raise RuntimeError("initializer failed on purpose")
+
+
+def cpu(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
