@@ -67,6 +67,12 @@ def hang_if(x: int, bad: int) -> int:
     return x
 
 
+def mark_then_sleep(path: str, seconds: float, value: Any) -> Any:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return value
+
+
 def mark_then_hang(path: str) -> None:
     Path(path).write_text(str(os.getpid()))
     time.sleep(600)

@@ -222,11 +222,14 @@ def test_lambdas_work_with_cloudpickle(pool: Pool) -> None:
     assert pool.submit(lambda x: x + offset, 1).result(timeout=30) == 11
 
 
-def test_shutdown_with_cancel_futures() -> None:
+def test_shutdown_with_cancel_futures(tmp_path: Path) -> None:
+    """Tasks not started yet are cancelled, even those already sent to a worker; the running one finishes."""
     pool = Pool(1)
-    assert pool.submit(tasks.inc, 1).result(timeout=30) == 2  # the worker is up
-    running = pool.submit(tasks.sleep_then, 0.5, "finished")
+    marker = tmp_path / "started"
+    running = pool.submit(tasks.mark_then_sleep, str(marker), 0.5, "finished")
     queued = [pool.submit(tasks.sleep_then, 5) for _ in range(5)]
+    while not marker.exists():
+        time.sleep(0.01)
     pool.shutdown(wait=True, cancel_futures=True)
     assert running.result(timeout=1) == "finished"
     assert all(f.cancelled() for f in queued)

@@ -293,6 +293,7 @@ class Pool(Executor):
                     self._on_readable(proc)
             now = time.monotonic()
             self._apply(self._sched.tick(now))
+            self._apply(self._sched.dispatch(now))
             self._escalate(now)
             if self._closed and not self._procs and self._starting == 0 and not self._sched.busy:
                 break
@@ -316,7 +317,6 @@ class Pool(Executor):
         except BlockingIOError:
             pass
         self._wake_pending = False
-        now = time.monotonic()
         inbox = self._inbox
         while inbox:
             command = inbox.popleft()
@@ -329,13 +329,13 @@ class Pool(Executor):
                     self._resolve(task, False, PoolClosed("the pool is broken"), cause=self._broken)
                     continue
                 self._tasks[task.id] = task
-                self._apply(self._sched.submit(task, now))
+                self._sched.submit(task)
             elif kind == "cancel":
                 task = command[1]
                 self._tasks.pop(task.id, None)
                 self._apply(self._sched.cancel(task))
             elif kind == "spawned":
-                self._on_spawned(command[1], command[2], now)
+                self._on_spawned(command[1], command[2])
             elif kind == "spawn":
                 self._spawn(command[1])
             elif kind == "close":
@@ -419,7 +419,7 @@ class Pool(Executor):
             child = exc
         self._post(("spawned", worker, child))
 
-    def _on_spawned(self, worker: Worker, child: ChildProcess | BaseException, now: float) -> None:
+    def _on_spawned(self, worker: Worker, child: ChildProcess | BaseException) -> None:
         self._starting -= 1
         if isinstance(child, BaseException):
             self._break(child)
@@ -465,7 +465,6 @@ class Pool(Executor):
 
     def _take_messages(self, proc: _Proc) -> None:
         channel = proc.child.channel
-        now = time.monotonic()
         while channel._inbox:
             try:
                 message = channel.pop(False)
@@ -478,7 +477,7 @@ class Pool(Executor):
                 self._sched.memory_report(proc.state, rss)
                 for task_id, status, payload, seconds in results:
                     ok, value = self._decode_result(status, payload)
-                    self._apply(self._sched.task_finished(proc.state, task_id, ok, value, seconds, now))
+                    self._apply(self._sched.task_finished(proc.state, task_id, ok, value, seconds))
             elif kind == "message":
                 task = self._tasks.get(message[1])
                 if task is not None and task.on_message is not None:
@@ -489,7 +488,7 @@ class Pool(Executor):
 
                         traceback.print_exc()
             elif kind == "ready":
-                self._apply(self._sched.worker_ready(proc.state, now))
+                self._sched.worker_ready(proc.state)
             elif kind == "init-failed":
                 self._break(_decode_error(message[1]))
 
@@ -514,7 +513,7 @@ class Pool(Executor):
             return
         self.restarts += 1
         state = proc.state
-        self._apply(self._sched.worker_died(state, Failure("crashed", state, code), time.monotonic()))
+        self._apply(self._sched.worker_died(state, Failure("crashed", state, code)))
 
     def _reap(self, proc: _Proc) -> None:
         self._procs.pop(proc.state.id, None)

@@ -1,8 +1,8 @@
 """The pool's decisions, as a pure state machine: no processes, no sockets, no clocks.
 
 The pool's I/O thread reports what happened (a task was submitted, a worker became ready,
-results arrived, a worker died, time passed, a task was cancelled) and carries out the
-actions returned. Every rule about which task goes where, what a death means, when a task
+results arrived, a worker died, time passed, a task was cancelled), then asks ``dispatch``
+what to send, and carries out the actions returned. Every rule about which task goes where, what a death means, when a task
 has timed out, when to retry and when to recycle a worker lives here, and is tested without
 starting a process.
 """
@@ -21,7 +21,7 @@ TARGET_BATCH_SECONDS = 0.002
 MAX_BATCH = 512
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Task:
     """One call to run. ``payload`` is the pickled ``(fn, args, kwargs)``."""
 
@@ -115,16 +115,13 @@ class Scheduler:
     def add_worker(self, worker: Worker) -> None:
         self.workers[worker.id] = worker
 
-    def submit(self, task: Task, now: float) -> list[Action]:
+    def submit(self, task: Task) -> None:
         self.queue.append(task)
-        return self._dispatch(now)
 
-    def worker_ready(self, worker: Worker, now: float) -> list[Action]:
+    def worker_ready(self, worker: Worker) -> None:
         worker.ready = True
-        return self._dispatch(now)
 
-    def task_finished(self, worker: Worker, task_id: int, ok: bool, value: Any, seconds: float,
-                      now: float) -> list[Action]:
+    def task_finished(self, worker: Worker, task_id: int, ok: bool, value: Any, seconds: float) -> list[Action]:
         actions: list[Action] = []
         if not worker.assigned or worker.assigned[0].id != task_id:
             return actions  # a result for a task we already gave up on
@@ -141,13 +138,12 @@ class Scheduler:
             actions.append(Retire(worker))
             actions.append(Spawn(1))
             del self.workers[worker.id]
-        actions.extend(self._dispatch(now))
         return actions
 
     def memory_report(self, worker: Worker, rss: int | None) -> None:
         worker.rss = rss
 
-    def worker_died(self, worker: Worker, failure: Failure, now: float) -> list[Action]:
+    def worker_died(self, worker: Worker, failure: Failure) -> list[Action]:
         """A worker exited: fail or retry the task it was running, requeue the rest, replace it."""
         actions: list[Action] = []
         self.workers.pop(worker.id, None)
@@ -166,7 +162,6 @@ class Scheduler:
             worker.assigned.clear()
         if not self.closing or self.queue:
             actions.append(Spawn(1))
-        actions.extend(self._dispatch(now))
         return actions
 
     def cancel(self, task: Task) -> list[Action]:
@@ -231,7 +226,9 @@ class Scheduler:
         fair_share = math.ceil((len(self.queue) + in_hand) / (len(alive) or 1))
         return max(1, min(wanted, MAX_BATCH, fair_share))
 
-    def _dispatch(self, now: float) -> list[Action]:
+    def dispatch(self, now: float) -> list[Action]:
+        """Hand queued tasks to workers with room. Called once per round of events, so that a
+        burst of submissions or results becomes one batch per worker, not one message per task."""
         actions: list[Action] = []
         if not self.queue:
             return actions + self._retire_idle() if self.closing else actions
