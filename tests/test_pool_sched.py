@@ -89,6 +89,8 @@ def test_cancel_queued_running_and_sent() -> None:
     sched.avg_seconds = 1.0  # slow now: nothing more is sent to a worker with tasks in hand
     queued = Task(3, b"")
     _submit(sched, queued)
+    for task in (queued, sent, running):
+        task.cancelled = True
     assert sched.cancel(queued) == [] and queued not in sched.queue
     assert sched.cancel(sent) == [SkipTask(w0, sent)]
     assert sched.cancel(running) == [Kill(w0)]

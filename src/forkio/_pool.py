@@ -77,6 +77,7 @@ class TaskFuture(Future[Any]):
         # then the pool stops the worker running it, if any.
         if not super().cancel():
             return False
+        self._task.cancelled = True  # seen by the manager without taking the future's lock
         self._pool._post(("cancel", self._task))
         return True
 
@@ -323,7 +324,7 @@ class Pool(Executor):
             kind = command[0]
             if kind == "submit":
                 task = command[1]
-                if task.future.cancelled():
+                if task.cancelled:
                     continue
                 if self._broken is not None:
                     self._resolve(task, False, PoolClosed("the pool is broken"), cause=self._broken)
@@ -343,12 +344,14 @@ class Pool(Executor):
                     running = {id(w.assigned[0]) for w in self._sched.workers.values() if w.assigned}
                     for task in list(self._tasks.values()):
                         if id(task) not in running and Future.cancel(task.future):
+                            task.cancelled = True
                             self._tasks.pop(task.id, None)
                             self._apply(self._sched.cancel(task))
                 self._apply(self._sched.close())
             elif kind == "terminate":
                 for task in list(self._tasks.values()):
-                    task.future.cancel()
+                    task.cancelled = True
+                    Future.cancel(task.future)
                 self._tasks.clear()
                 self._sched.queue.clear()
                 self._sched.closing = True
@@ -388,8 +391,6 @@ class Pool(Executor):
     def _resolve(self, task: Task, ok: bool, value: Any, *, cause: BaseException | None = None) -> None:
         self._tasks.pop(task.id, None)
         future = task.future
-        if future.done():
-            return
         try:
             if ok:
                 future.set_result(value)
@@ -397,7 +398,7 @@ class Pool(Executor):
                 if cause is not None and value.__cause__ is None:
                     value.__cause__ = cause
                 future.set_exception(value)
-        except Exception:  # InvalidStateError: cancelled meanwhile by the caller
+        except Exception:  # InvalidStateError: the caller cancelled it meanwhile
             pass
 
     # ---- workers ------------------------------------------------------------------------------

@@ -165,8 +165,8 @@ class Scheduler:
         return actions
 
     def cancel(self, task: Task) -> list[Action]:
-        """The caller cancelled ``task``: drop it if queued, skip it if sent, stop it if running."""
-        task.cancelled = True
+        """The caller cancelled ``task`` (``task.cancelled`` is set): drop it if queued, skip it if
+        sent, stop it if running."""
         if task in self.queue:
             self.queue.remove(task)
             return []
