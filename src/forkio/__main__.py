@@ -1,4 +1,4 @@
-"""The ``forkio`` command line."""
+"""The ``forkio`` command line: ``forkio map`` (parallel map of a Python function) and ``forkio demo``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+
+from ._cli import EXIT_USAGE, UsageError, add_map_command, parser
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -35,14 +37,19 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``forkio`` command."""
-    parser = argparse.ArgumentParser(prog="forkio", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    cli = parser()
+    commands = cli.add_subparsers(dest="command", required=True)
+    add_map_command(commands)
     demo = commands.add_parser("demo", help="fork a few children and exchange messages with them")
     demo.add_argument("--children", type=int, default=3)
     demo.add_argument("--jobs", type=int, default=6)
     demo.set_defaults(run=_demo)
-    args = parser.parse_args(argv)
-    return int(args.run(args))
+    try:
+        args = cli.parse_args(argv)
+        return int(args.run(args))
+    except UsageError as exc:
+        print(f"forkio: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

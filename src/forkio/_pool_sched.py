@@ -1,8 +1,8 @@
 """The pool's decisions, as a pure state machine: no processes, no sockets, no clocks.
 
 The pool's I/O thread reports what happened (a task was submitted, a worker became ready,
-results arrived, a worker died, time passed, a task was cancelled), then asks ``dispatch``
-what to send, and carries out the actions returned. Every rule about which task goes where, what a death means, when a task
+results arrived, a worker died, time passed, a task was cancelled), then asks
+``dispatch`` what to send, and carries out the actions returned. Every rule about which task goes where, what a death means, when a task
 has timed out, when to retry and when to recycle a worker lives here, and is tested without
 starting a process.
 """
