@@ -2,9 +2,9 @@
 
 The pool's I/O thread reports what happened (a task was submitted, a worker became ready,
 results arrived, a worker died, time passed, a task was cancelled), then asks
-``dispatch`` what to send, and carries out the actions returned. Every rule about which task goes where, what a death means, when a task
-has timed out, when to retry and when to recycle a worker lives here, and is tested without
-starting a process.
+``dispatch`` what to send, and carries out the actions returned. Every rule about which
+task goes where, what a death means, when a task has timed out, when to retry and when
+to recycle a worker lives here, and is tested without starting a process.
 """
 
 from __future__ import annotations
