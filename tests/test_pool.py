@@ -284,3 +284,10 @@ def test_sigint_to_workers_is_ignored(pool: Pool) -> None:
     pid = pool.submit(tasks.pid_of).result(timeout=30)
     os.kill(pid, signal.SIGINT)
     assert pool.submit(tasks.sleep_then, 0.1, "alive").result(timeout=30) == "alive"
+
+
+def test_map_timeout_bounds_the_whole_iteration(pool: Pool) -> None:
+    """Like Executor.map: results not ready `timeout` seconds after the call raise TimeoutError."""
+    results = pool.map(tasks.sleep_then, [0.0, 30.0], timeout=0.5)
+    with pytest.raises(TimeoutError):
+        list(results)

@@ -144,3 +144,39 @@ def test_close_retires_idle_workers_only_when_nothing_is_left() -> None:
     assert sched.close() == [Retire(w1)]
     actions = sched.task_finished(w0, 1, True, None, 0.1)
     assert Retire(w0) in actions or Retire(w0) in sched.dispatch(1.0)
+
+
+def test_the_worker_count_names_the_running_task_even_with_results_unsent() -> None:
+    """Tasks 0 and 1 finished but their results died with the worker; task 2 was running."""
+    sched, (w0,) = _pool(1)
+    sched.avg_seconds = 1e-5
+    tasks = [Task(i, b"") for i in range(5)]
+    _submit(sched, *tasks)
+    actions = sched.worker_died(w0, Failure("crashed", w0, -9), started=3)
+    assert [a.task for a in actions if isinstance(a, Resolve)] == [tasks[2]]
+    assert list(sched.queue) == [tasks[0], tasks[1], tasks[3], tasks[4]]
+
+
+def test_a_worker_that_died_between_tasks_fails_none() -> None:
+    sched, (w0,) = _pool(1)
+    sched.avg_seconds = 1e-5
+    tasks = [Task(i, b"") for i in range(2)]
+    _submit(sched, *tasks)
+    sched.task_finished(w0, 0, True, None, 1e-5)
+    actions = sched.worker_died(w0, Failure("crashed", w0, -9), started=1)
+    assert not [a for a in actions if isinstance(a, Resolve)]
+    assert list(sched.queue) == [tasks[1]]
+
+
+def test_skipped_cancelled_tasks_do_not_stall_results() -> None:
+    """A cancelled task the worker skipped sends no result; the next result still lands."""
+    sched, (w0,) = _pool(1)
+    sched.avg_seconds = 1e-5
+    tasks = [Task(i, b"") for i in range(3)]
+    _submit(sched, *tasks)
+    tasks[1].cancelled = True
+    sched.cancel(tasks[1])
+    sched.task_finished(w0, 0, True, "a", 1e-5)
+    actions = sched.task_finished(w0, 2, True, "c", 1e-5)
+    assert [(a.task, a.value) for a in actions if isinstance(a, Resolve)] == [(tasks[2], "c")]
+    assert w0.consumed == 3

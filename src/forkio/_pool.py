@@ -8,10 +8,12 @@ pickle their task, queue it and poke the wake-up pipe.
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import selectors
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -94,10 +96,23 @@ def _decode_error(payload: bytes) -> BaseException:
 class _Proc:
     """The manager's handle on one worker process."""
 
+    def started(self) -> int:
+        """How many tasks the worker has begun, by its own count."""
+        return int.from_bytes(self.counter[:8], sys.byteorder)
+
+    def close(self) -> None:
+        self.counter.close()
+        os.close(self.counter_fd)
+        os.close(self.pidfd)
+
     def __init__(self, state: Worker, child: ChildProcess) -> None:
         self.state = state
         self.child = child
         self.pidfd = os.pidfd_open(child.pid)
+        # A counter the worker bumps (in shared memory, no system call) as it starts each task.
+        self.counter_fd = os.memfd_create("forkio-worker-progress", os.MFD_CLOEXEC)
+        os.ftruncate(self.counter_fd, 8)
+        self.counter = mmap.mmap(self.counter_fd, 8)
         self.outbox = bytearray()
         self.stop_at: float | None = None  # when SIGTERM was sent, to escalate to SIGKILL
         self.retired = False
@@ -132,8 +147,6 @@ class Pool(Executor):
         self.task_timeout = task_timeout
         self.retries = retries
         self._preload = tuple(preload)
-        import sys
-
         # The initializer is pickled apart: the worker can unpickle it only once it has our sys.path.
         self._init_message = ("init", list(sys.path), _main_path(), max_memory_per_worker is not None,
                               dumps((initializer, initargs)))
@@ -431,7 +444,11 @@ class Pool(Executor):
         self._sched.add_worker(worker)
         self._watch(child.channel.fileno(), proc)
         self._watch(proc.pidfd, proc)
-        self._send(proc, self._init_message)
+        data, fds = child.channel.encode(self._init_message, proc.counter_fd)
+        try:
+            child.channel.send_bytes(data, fds)  # the first bytes on an empty socket: never blocks
+        except ChannelClosed:
+            pass  # it died already: its pidfd says so
         if self._closed and not self._sched.busy:
             self._apply(self._sched.close())
 
@@ -509,21 +526,19 @@ class Pool(Executor):
             self._take_messages(proc)
         self._take_messages(proc)
         code = proc.child.wait()
+        started = proc.started()
         self._reap(proc)
         if proc.retired:
             return
         self.restarts += 1
         state = proc.state
-        self._apply(self._sched.worker_died(state, Failure("crashed", state, code)))
+        self._apply(self._sched.worker_died(state, Failure("crashed", state, code), started))
 
     def _reap(self, proc: _Proc) -> None:
         self._procs.pop(proc.state.id, None)
         self._unwatch(proc.child.channel.fileno(), proc)
         self._unwatch(proc.pidfd, proc)
-        try:
-            os.close(proc.pidfd)
-        except OSError:
-            pass
+        proc.close()
         proc.child.disconnect()
         if proc.child.returncode is None:
             proc.child.kill(signal.SIGKILL)
@@ -581,8 +596,6 @@ def _rss_of(pid: int) -> int | None:
 
 def _main_path() -> str | None:
     """The caller's main script, so workers can find functions defined in it (see ``_pool_worker.loads``)."""
-    import sys
-
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
     if path is None or getattr(main, "__spec__", None) is not None:

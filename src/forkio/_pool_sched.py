@@ -44,6 +44,7 @@ class Worker:
     ready: bool = False
     assigned: deque[Task] = field(default_factory=deque)
     tasks_done: int = 0
+    consumed: int = 0  # tasks it has taken off its queue, as far as we know (results + skips)
     failures: int = 0
     retiring: bool = False
     stopping: str | None = None  # why we are killing it: "timeout" or "cancel"
@@ -123,9 +124,14 @@ class Scheduler:
 
     def task_finished(self, worker: Worker, task_id: int, ok: bool, value: Any, seconds: float) -> list[Action]:
         actions: list[Action] = []
-        if not worker.assigned or worker.assigned[0].id != task_id:
+        assigned = worker.assigned
+        while assigned and assigned[0].id != task_id and assigned[0].cancelled:
+            assigned.popleft()  # the worker skipped it: cancelled before it started
+            worker.consumed += 1
+        if not assigned or assigned[0].id != task_id:
             return actions  # a result for a task we already gave up on
-        task = worker.assigned.popleft()
+        task = assigned.popleft()
+        worker.consumed += 1
         worker.tasks_done += 1
         if not ok:
             worker.failures += 1
@@ -143,12 +149,21 @@ class Scheduler:
     def memory_report(self, worker: Worker, rss: int | None) -> None:
         worker.rss = rss
 
-    def worker_died(self, worker: Worker, failure: Failure) -> list[Action]:
-        """A worker exited: fail or retry the task it was running, requeue the rest, replace it."""
+    def worker_died(self, worker: Worker, failure: Failure, started: int | None = None) -> list[Action]:
+        """A worker exited: fail or retry the task it was running, requeue the rest, replace it.
+
+        ``started`` is how many tasks the worker had begun in all (it counts them in shared
+        memory as it goes), which says exactly which one was running, even when the results
+        of the ones before it died unsent. Those ran, but their results are lost: they run
+        again. Without the count, the first unanswered task is taken as the one running.
+        """
         actions: list[Action] = []
         self.workers.pop(worker.id, None)
-        if worker.assigned:
-            running = worker.assigned.popleft()
+        assigned = list(worker.assigned)
+        worker.assigned.clear()
+        running_at = 0 if started is None else started - worker.consumed - 1
+        if 0 <= running_at < len(assigned):
+            running = assigned.pop(running_at)
             if worker.stopping == "timeout":
                 failure = Failure("timeout", worker, running.timeout)
             if running.cancelled:
@@ -157,9 +172,8 @@ class Scheduler:
                 self.queue.appendleft(running)
             else:
                 actions.append(Resolve(running, False, failure))
-            # Tasks it had queued never started: back to the front, in order, unharmed.
-            self.queue.extendleft(reversed([t for t in worker.assigned if not t.cancelled]))
-            worker.assigned.clear()
+        # The others never started, or finished with their results lost: back to the front, in order.
+        self.queue.extendleft(reversed([t for t in assigned if not t.cancelled]))
         if not self.closing or self.queue:
             actions.append(Spawn(1))
         return actions

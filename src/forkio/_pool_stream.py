@@ -177,8 +177,13 @@ class TaskOptions:
         return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
     def stream(self, fn: Callable[..., Any], iterable: Iterable[Any], *, ordered: bool = False,
-               chunksize: int | None = None, progress: bool = False, star: bool = False) -> Iterator[TaskResult]:
-        """One ``TaskResult`` per input, lazily; errors are returned, not raised."""
+               chunksize: int | None = None, progress: bool = False, star: bool = False,
+               deadline: float | None = None) -> Iterator[TaskResult]:
+        """One ``TaskResult`` per input, lazily; errors are returned, not raised.
+
+        ``deadline`` (a ``time.monotonic()`` value) bounds the whole iteration: past it,
+        ``WaitTimeout`` is raised and the tasks still in flight are cancelled.
+        """
         state = _Stream(self, fn, iterable, star=star, ordered=ordered, chunksize=chunksize)
         done: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
         bar = ProgressBar(state.total) if progress else None
@@ -187,7 +192,11 @@ class TaskOptions:
                 state.fill(done.put)
                 if state.finished:
                     return
-                for result in state.complete(done.get()):
+                try:
+                    finished = done.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise WaitTimeout("results not ready before the deadline") from None
+                for result in state.complete(finished):
                     if bar is not None:
                         bar.update(1, failed=not result.ok)
                     yield result
@@ -202,8 +211,8 @@ class TaskOptions:
         deadline = None if timeout is None else time.monotonic() + timeout
         inputs = zip(*iterables, strict=False) if len(iterables) > 1 else iterables[0]
         results = self.stream(fn, inputs, ordered=True, chunksize=chunksize, progress=progress,
-                              star=len(iterables) > 1)
-        return _with_deadline((r.result() for r in results), deadline, timeout)
+                              star=len(iterables) > 1, deadline=deadline)
+        return (r.result() for r in results)
 
     def imap_unordered(self, fn: Callable[..., Any], iterable: Iterable[Any], *,
                        chunksize: int | None = None, progress: bool = False) -> Iterator[Any]:
@@ -230,12 +239,3 @@ class TaskOptions:
         finally:
             state.cancel()
 
-
-def _with_deadline(results: Iterator[Any], deadline: float | None, timeout: float | None) -> Iterator[Any]:
-    if deadline is None:
-        yield from results
-        return
-    for value in results:
-        if time.monotonic() > deadline:
-            raise WaitTimeout(f"map() results not ready within {timeout} s")
-        yield value

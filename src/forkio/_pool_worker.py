@@ -2,7 +2,8 @@
 
 Protocol (pickle frames over the worker's forkio channel):
 
-    pool -> worker   ("init", sys_path, main_path, report_rss, (initializer, initargs) pickled)   first
+    pool -> worker   ("init", sys_path, main_path, report_rss, (initializer, initargs) pickled)
+                     first, with the fd of an 8-byte shared counter of tasks started
                      ("tasks", [(task_id, payload), ...])            payload = pickled (fn, args, kwargs)
                      ("cancel", task_id)                             skip it if it has not started
     worker -> pool   ("ready", pid) | ("init-failed", error)
@@ -16,6 +17,7 @@ when the local queue runs dry, or every few milliseconds while it does not.
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import signal
@@ -104,6 +106,7 @@ class _Worker:
         self.results: list[tuple[int, int, bytes, float]] = []
         self.report_rss = False
         self.cancelled: set[int] = set()
+        self.started = memoryview(bytearray(8)).cast("Q")  # replaced by the pool's shared counter
         self.last_flush = time.perf_counter()
 
     def flush(self) -> None:
@@ -148,6 +151,7 @@ class _Worker:
                     if not self.handle(channel.pop(False), queue):
                         return
             task_id, payload = queue.popleft()
+            self.started[0] += 1  # seen by the pool even if we die in this task (see _pool_sched)
             if task_id in self.cancelled:
                 self.cancelled.discard(task_id)
                 continue
@@ -174,11 +178,13 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _main_path
     try:
-        _init, sys_path, _main_path, report_rss, initializer_payload = parent.recv()
+        (_init, sys_path, _main_path, report_rss, initializer_payload), counter_fd = parent.recv(with_handle=True)
     except ChannelClosed:
         return  # the pool closed before we started: nothing to do
     sys.path[:] = sys_path  # find what the caller finds, as multiprocessing's spawn does
     _worker.report_rss = report_rss
+    _worker.started = memoryview(mmap.mmap(counter_fd, 8)).cast("Q")
+    os.close(counter_fd)
     try:
         initializer, initargs = loads(initializer_payload)
         if initializer is not None:
