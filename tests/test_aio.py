@@ -136,3 +136,25 @@ def test_backpressure_does_not_block_the_loop(children: Path) -> None:
             return got
 
     assert run(main()) == 64
+
+
+def test_cancelled_send_never_cuts_a_frame(children: Path) -> None:
+    """Cancel sends while frames are half written: the child still gets whole, valid messages."""
+
+    async def main() -> list[object]:
+        async with await forkio.afork(children / "aecho.py") as child:
+            await child.recv(timeout=10)
+            big = "y" * (1 << 20)  # far more than the socket holds: every send waits midway
+            sends = [asyncio.ensure_future(child.send(big)) for _ in range(4)]
+            await asyncio.sleep(0)
+            sends[0].cancel()  # midway through its frame
+            sends[2].cancel()  # not started yet
+            await asyncio.gather(*sends, return_exceptions=True)
+            await child.send("end")
+            got = []
+            while (message := await child.recv(timeout=20)) != "end":
+                got.append(message)
+            return got
+
+    got = run(main())
+    assert got == ["y" * (1 << 20)] * 3  # the started frame finished, the unstarted one was dropped

@@ -6,6 +6,7 @@ Kept apart from the sync face so that a child that never uses asyncio never impo
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,7 +26,8 @@ class AsyncEndpoint:
 
     def __init__(self, channel: Channel | None) -> None:
         self._channel = channel
-        self._send_lock: asyncio.Lock | None = None
+        self._outgoing: deque[_Outgoing] = deque()
+        self._writer: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._reading = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -41,33 +43,60 @@ class AsyncEndpoint:
         return self._channel is not None and self._channel.connected
 
     async def send(self, message: Any, handle: Handle | None = None) -> None:
-        """Send ``message``; waits (without blocking the loop) while the peer is behind."""
+        """Send ``message``; waits (without blocking the loop) while the peer is behind.
+
+        Frames are never cut: cancelling a ``send`` whose frame has started going out lets the
+        frame finish in the background (the cancellation still propagates); one that has not
+        started is dropped.
+        """
         channel = self.channel
         data, fds = channel.encode(message, handle)
-        sent = 0
-        if self._send_lock is None or not self._send_lock.locked():
-            sent = channel.try_send(data, fds)  # fast path: the whole frame fits now
+        view = memoryview(data)
+        started = False
+        if not self._outgoing:
+            sent = channel.try_send(view, fds)  # fast path: the whole frame fits now
             if sent == len(data):
                 return
-        if self._send_lock is None:
-            self._send_lock = asyncio.Lock()
-        async with self._send_lock:
-            loop = asyncio.get_running_loop()
-            view = memoryview(data)[sent:]
             if sent:
-                fds = []
-            while view:
-                n = channel.try_send(view, fds)
-                if n:
-                    view = view[n:]
-                    fds = []
-                    continue
-                ready = loop.create_future()
-                loop.add_writer(channel.fileno(), _resolve, ready)
-                try:
-                    await ready
-                finally:
-                    loop.remove_writer(channel.fileno())
+                view, fds, started = view[sent:], [], True
+        loop = asyncio.get_running_loop()
+        entry = _Outgoing(view, fds, loop.create_future(), started)
+        self._outgoing.append(entry)
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._write_outgoing(channel, loop))
+        try:
+            await entry.done
+        except asyncio.CancelledError:
+            if not entry.started and entry in self._outgoing:
+                self._outgoing.remove(entry)
+            raise
+
+    async def _write_outgoing(self, channel: Channel, loop: asyncio.AbstractEventLoop) -> None:
+        """The one writer of queued frames, in order, each to its end."""
+        outgoing = self._outgoing
+        while outgoing:
+            entry = outgoing[0]
+            try:
+                sent = channel.try_send(entry.view, entry.fds)
+            except ChannelClosed as exc:
+                for waiting in outgoing:
+                    if not waiting.done.done():
+                        waiting.done.set_exception(exc)
+                outgoing.clear()
+                return
+            if sent:
+                entry.started = True
+                entry.view, entry.fds = entry.view[sent:], []
+                if not entry.view:
+                    outgoing.popleft()
+                    _resolve(entry.done)
+                continue
+            ready = loop.create_future()
+            loop.add_writer(channel.fileno(), _resolve, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_writer(channel.fileno())
 
     async def recv(self, timeout: float | None = None, *, with_handle: bool = False) -> Any:
         """The next message (see ``Endpoint.recv``), awaiting it without blocking the loop."""
@@ -140,6 +169,18 @@ class AsyncEndpoint:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             _resolve(waiter)
+
+
+class _Outgoing:
+    """A frame waiting to be written: what is left of it, its fds, and who waits for it."""
+
+    __slots__ = ("done", "fds", "started", "view")
+
+    def __init__(self, view: memoryview, fds: list[int], done: asyncio.Future[None], started: bool) -> None:
+        self.view = view
+        self.fds = fds
+        self.done = done
+        self.started = started
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
