@@ -1,21 +1,24 @@
 """IPC benchmark: forkio against multiprocessing, a raw socketpair and Node's own fork().
 
-    .venv/bin/python bench/ipc.py            # default: a few minutes at most
+    .venv/bin/python bench/ipc.py            # default: about 2.5 minutes (+ up to 1 min waiting for quiet)
     .venv/bin/python bench/ipc.py --quick    # a smoke run, under a minute
+    .venv/bin/python bench/ipc.py --only rt,async_rt --cpus 0   # round trips only, all on CPU 0
 
-Three measurements, each run round by round with the contenders alternating (and their order
-rotated every round) so that a noisy, shared 2-core machine hurts them all alike; the tables
-give the median over rounds, the range, and the ratio to the reference:
+Three measurements (four sections), each run round by round with the contenders alternating
+(their order rotated every round) so that a noisy, shared 2-core machine hurts them all alike;
+the tables give the median over rounds, the range, and the ratio of medians to the reference:
 
 1. start: call -> first message from the child (reference: Node's fork()).
 2. round trip: send a small dict, the child echoes it, receive it (reference: raw socketpair
-   + pickle); asyncio faces against plain asyncio streams.
-3. one-way: send N small dicts, the child counts them and answers once (reference: raw
-   socketpair + pickle).
+   + pickle); 2b: asyncio faces against plain asyncio streams.
+3. one-way: send N small dicts and a None, the child counts them and answers once with the
+   count (reference: raw socketpair + pickle).
 
-Round-trip and one-way children are started once and kept warm across rounds (Node's too:
-``children/node_parent.js`` is driven over stdin and times itself with ``hrtime``). Every
-child is stopped in a ``finally``, whatever happens.
+Every round starts fresh children for every contender (see ``run_rounds`` for why), warms up,
+then takes one sample; Node's side (``children/node_parent.js``, started fresh each round too)
+times itself with ``hrtime``. Every child is stopped in a ``finally``, whatever happens. Before
+each round the benchmark waits a little for other processes to go quiet, and it reports how
+much CPU everything else used during the rounds.
 
 Only stdlib modules that a ``multiprocessing`` spawn child imports anyway are imported at the
 top: the spawn contender re-imports this file, and must not pay for what it does not use.
@@ -65,14 +68,17 @@ def _mp_echo(conn) -> None:
         pass
 
 
-def _mp_count(conn, n: int) -> None:
+def _mp_count(conn) -> None:
     conn.send("ready")
     recv, send = conn.recv, conn.send
+    count = 0
     try:
         while True:
-            for _ in range(n):
-                recv()
-            send(n)
+            if recv() is None:
+                send(count)
+                count = 0
+            else:
+                count += 1
     except (EOFError, OSError):
         pass
 
@@ -153,8 +159,12 @@ class MpChild:
             self.proc.start()
         finally:
             child_conn.close()
-        if self.conn.recv() != "ready":
-            raise RuntimeError("mp child did not say ready")
+        try:
+            if not self.conn.poll(60) or self.conn.recv() != "ready":
+                raise RuntimeError("mp child did not say ready")
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         try:
@@ -229,68 +239,147 @@ def forkio_child(mode: str, *args: str, serialization: str | None = None, script
     return child
 
 
-def close_forkio(child) -> None:
-    child.close(grace=3)
-
-
 def rotate(items: list, by: int) -> list:
     by %= len(items)
     return items[by:] + items[:by]
 
 
-def run_rounds(title: str, contenders: dict, rounds: int, log) -> dict[str, list[float]]:
-    """Call each contender once a round, the order rotated each round; collect the samples."""
+def run_rounds(title: str, contenders: dict, rounds: int, log, warm: int) -> dict[str, list[float]]:
+    """Each round, each contender in turn (order rotated every round): a fresh child, a warm-up, one sample.
+
+    A contender is a function returning a context manager that starts its children and yields
+    ``measure(count) -> float``; leaving it stops them. A fresh child every round matters on a
+    2-CPU machine: where the scheduler happens to put a parent/child pair (same CPU or not)
+    changes a round trip by 1.5-3x and sticks for the life of the pair, so one pair per
+    contender for the whole run would measure placement luck rather than the code.
+    """
+    import contextlib
+
     names = list(contenders)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in rotate(names, r):
-            samples[name].append(contenders[name]())
-        log(f"  {title} round {r + 1}/{rounds}: " + ", ".join(f"{n}={samples[n][-1]:.4g}" for n in names))
+        QUIET.before_round()
+        with QUIET.round(title):
+            for name in rotate(names, r):
+                with contextlib.ExitStack() as stack:
+                    measure = stack.enter_context(contenders[name]())
+                    if warm:
+                        measure(warm)
+                    samples[name].append(measure(None))
+        log(f"  {title} round {r + 1}/{rounds} (other load {QUIET.last:.2f} cores): "
+            + ", ".join(f"{n}={samples[n][-1]:.4g}" for n in names))
     return samples
 
 
+def _forkio_session(mode: str, timed, serialization: str | None = None, script: str = FORKIO_CHILD):
+    import contextlib
+
+    @contextlib.contextmanager
+    def session():
+        child = forkio_child(mode, serialization=serialization, script=script)
+        try:
+            yield lambda count: timed(child.send, child.recv, count)
+        finally:
+            child.close(grace=3)
+
+    return session
+
+
+def _raw_session(mode: str, timed):
+    import contextlib
+
+    @contextlib.contextmanager
+    def session():
+        raw = RawChild(mode)
+        try:
+            if raw.conn.recv() != "ready":
+                raise RuntimeError("raw child did not say ready")
+            yield lambda count: timed(raw.conn.send, raw.conn.recv, count)
+        finally:
+            raw.close()
+
+    return session
+
+
+def _mp_session(target, timed):
+    import contextlib
+
+    @contextlib.contextmanager
+    def session():
+        mp = MpChild(target)
+        try:
+            yield lambda count: timed(mp.conn.send, mp.conn.recv, count)
+        finally:
+            mp.close()
+
+    return session
+
+
+def _node_session(command: str, default: int):
+    import contextlib
+
+    @contextlib.contextmanager
+    def session():
+        node = NodeController()
+        try:
+            yield lambda count: node.ask(f"{command} {count or default}")
+        finally:
+            node.close()
+
+    return session
+
+
 # ------------------------------------------------------------------------------ 1. start
-def bench_start(cfg: dict, stack, log) -> dict[str, list[float]]:
+def bench_start(cfg: dict, log) -> dict[str, list[float]]:
     """Milliseconds from the call that starts a child to its first message in the parent."""
+    import contextlib
+
     import forkio
 
-    node = NodeController()
-    stack.callback(node.close)
     env_node = node_env()
     perf = time.perf_counter
 
-    def forkio_first(serialization: str | None = None, script: str = FORKIO_CHILD) -> float:
-        env = env_node if script.endswith(".js") else None
-        t0 = perf()
-        child = forkio.fork(script, ["first"], serialization=serialization, env=env)
-        try:
-            first = child.recv(timeout=30)
-            t1 = perf()
-        finally:
-            child.close(grace=3)
-        assert first == "ready", first
-        return (t1 - t0) * 1e3
+    @contextlib.contextmanager
+    def forkio_first(serialization: str | None = None, script: str = FORKIO_CHILD):
+        def measure(_count) -> float:
+            env = env_node if script.endswith(".js") else None
+            t0 = perf()
+            child = forkio.fork(script, ["first"], serialization=serialization, env=env)
+            try:
+                first = child.recv(timeout=30)
+                t1 = perf()
+            finally:
+                child.close(grace=3)
+            assert first == "ready", first
+            return (t1 - t0) * 1e3
 
-    def mp_first(method: str) -> float:
+        yield measure
+
+    @contextlib.contextmanager
+    def mp_first(method: str):
         import multiprocessing
 
         ctx = multiprocessing.get_context(method)
-        t0 = perf()
-        reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_mp_first, args=(writer,), daemon=True)
-        try:
-            proc.start()
-            writer.close()
-            first = reader.recv()
-            t1 = perf()
-        finally:
-            reader.close()
-            proc.join(3)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        assert first == "ready", first
-        return (t1 - t0) * 1e3
+
+        def measure(_count) -> float:
+            t0 = perf()
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_mp_first, args=(writer,), daemon=True)
+            try:
+                proc.start()
+                writer.close()
+                first = reader.recv()
+                t1 = perf()
+            finally:
+                reader.close()
+                proc.join(3)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+            assert first == "ready", first
+            return (t1 - t0) * 1e3
+
+        yield measure
 
     contenders = {
         "forkio pickle": forkio_first,
@@ -299,20 +388,18 @@ def bench_start(cfg: dict, stack, log) -> dict[str, list[float]]:
         "mp spawn": lambda: mp_first("spawn"),
         "mp forkserver": lambda: mp_first("forkserver"),
         "mp fork": lambda: mp_first("fork"),
-        "Node fork()": lambda: node.ask("first"),
+        "Node fork()": _node_session("first", 0),
     }
-    for fn in contenders.values():  # warm-up: page cache, forkserver started, node loaded
-        fn()
-    return run_rounds("start", contenders, cfg["start_rounds"], log)
+    # Each round warms up with one start of the same kind first (page cache, forkserver up, node loaded).
+    return run_rounds("start", contenders, cfg["start_rounds"], log, warm=1)
 
 
 # ------------------------------------------------------------------------ 2. round trip
-def bench_rt(cfg: dict, stack, log) -> dict[str, list[float]]:
-    """Microseconds per round trip of MSG, sync faces; mean of K in a row, per round."""
-    k = cfg["rt_k"]
+def _timed_rt(cfg: dict):
     perf = time.perf_counter_ns
 
-    def timed(send, recv) -> float:
+    def timed(send, recv, count: int | None) -> float:
+        k = count or cfg["rt_k"]
         msg = MSG
         t0 = perf()
         for _ in range(k):
@@ -320,32 +407,21 @@ def bench_rt(cfg: dict, stack, log) -> dict[str, list[float]]:
             recv()
         return (perf() - t0) / 1e3 / k
 
-    fp = forkio_child("echo")
-    stack.callback(close_forkio, fp)
-    fj = forkio_child("echo", serialization="json")
-    stack.callback(close_forkio, fj)
-    fn = forkio_child("echo", script=NODE_CHILD)
-    stack.callback(close_forkio, fn)
-    raw = RawChild("echo")
-    stack.callback(raw.close)
-    if raw.conn.recv() != "ready":
-        raise RuntimeError("raw child did not say ready")
-    mp = MpChild(_mp_echo)
-    stack.callback(mp.close)
-    node = NodeController()
-    stack.callback(node.close)
+    return timed
 
+
+def bench_rt(cfg: dict, log) -> dict[str, list[float]]:
+    """Microseconds per round trip of MSG, sync faces; mean of K in a row, per round."""
+    timed = _timed_rt(cfg)
     contenders = {
-        "forkio pickle": lambda: timed(fp.send, fp.recv),
-        "forkio json": lambda: timed(fj.send, fj.recv),
-        "forkio json -> Node child": lambda: timed(fn.send, fn.recv),
-        "raw socketpair + pickle": lambda: timed(raw.conn.send, raw.conn.recv),
-        "multiprocessing.Pipe": lambda: timed(mp.conn.send, mp.conn.recv),
-        "Node fork() json": lambda: node.ask(f"rt {k}"),
+        "forkio pickle": _forkio_session("echo", timed),
+        "forkio json": _forkio_session("echo", timed, serialization="json"),
+        "forkio json -> Node child": _forkio_session("echo", timed, script=NODE_CHILD),
+        "raw socketpair + pickle": _raw_session("echo", timed),
+        "multiprocessing.Pipe": _mp_session(_mp_echo, timed),
+        "Node fork() json": _node_session("rt", cfg["rt_k"]),
     }
-    for fn_ in contenders.values():
-        fn_()  # warm-up round, not counted
-    return run_rounds("rt", contenders, cfg["rt_rounds"], log)
+    return run_rounds("rt", contenders, cfg["rt_rounds"], log, warm=cfg["rt_k"] // 5)
 
 
 # ---------------------------------------------------------------- 2b. asyncio round trip
@@ -355,10 +431,10 @@ def bench_async_rt(cfg: dict, log) -> dict[str, list[float]]:
 
     import forkio
 
-    k = cfg["art_k"]
     perf = time.perf_counter_ns
 
-    async def timed(send, recv) -> float:
+    async def timed(send, recv, count: int | None) -> float:
+        k = count or cfg["art_k"]
         msg = MSG
         t0 = perf()
         for _ in range(k):
@@ -366,15 +442,18 @@ def bench_async_rt(cfg: dict, log) -> dict[str, list[float]]:
             await recv()
         return (perf() - t0) / 1e3 / k
 
-    async def afork_child(mode: str):
-        child = await forkio.afork(FORKIO_CHILD, [mode])
-        try:
-            if await child.recv(timeout=30) != "ready":
-                raise RuntimeError("forkio child did not say ready")
-        except BaseException:
-            await child.close(grace=1)
-            raise
-        return child
+    def afork_session(mode: str):
+        @contextlib.asynccontextmanager
+        async def session():
+            child = await forkio.afork(FORKIO_CHILD, [mode])
+            try:
+                if await child.recv(timeout=30) != "ready":
+                    raise RuntimeError("forkio child did not say ready")
+                yield lambda count: timed(child.send, child.recv, count)
+            finally:
+                await child.close(grace=3)
+
+        return session
 
     class Streams:
         def __init__(self, reader, writer) -> None:
@@ -389,86 +468,76 @@ def bench_async_rt(cfg: dict, log) -> dict[str, list[float]]:
             head = await self.reader.readexactly(4)
             return _loads(await self.reader.readexactly(_unpack(head)[0]))
 
-    async def streams_child(stack, mode: str) -> Streams:
-        raw = RawChild(mode)
-        stack.callback(raw.close)
-        reader, writer = await asyncio.open_unix_connection(sock=raw.sock)
-        stack.callback(writer.transport.abort)  # closes raw.sock before raw.close() waits
-        s = Streams(reader, writer)
-        if await asyncio.wait_for(s.recv(), 30) != "ready":
-            raise RuntimeError("raw child did not say ready")
-        return s
+    def streams_session(mode: str):
+        @contextlib.asynccontextmanager
+        async def session():
+            raw = RawChild(mode)
+            try:
+                reader, writer = await asyncio.open_unix_connection(sock=raw.sock)
+                try:
+                    s = Streams(reader, writer)
+                    if await asyncio.wait_for(s.recv(), 30) != "ready":
+                        raise RuntimeError("raw child did not say ready")
+                    yield lambda count: timed(s.send, s.recv, count)
+                finally:
+                    writer.transport.abort()  # closes raw.sock, so the child sees EOF
+            finally:
+                raw.close()
+
+        return session
+
+    contenders = {
+        "forkio afork <-> aparent child": afork_session("aecho"),
+        "forkio afork <-> sync parent child": afork_session("echo"),
+        "asyncio streams <-> asyncio streams child": streams_session("aecho"),
+        "asyncio streams <-> raw sync child": streams_session("echo"),
+    }
 
     async def main() -> dict[str, list[float]]:
-        async with contextlib.AsyncExitStack() as stack:
-            a_async = await afork_child("aecho")
-            stack.push_async_callback(a_async.close, 3)
-            a_sync = await afork_child("echo")
-            stack.push_async_callback(a_sync.close, 3)
-            s_async = await streams_child(stack, "aecho")
-            s_sync = await streams_child(stack, "echo")
-            contenders = {
-                "forkio afork <-> aparent child": lambda: timed(a_async.send, a_async.recv),
-                "forkio afork <-> sync parent child": lambda: timed(a_sync.send, a_sync.recv),
-                "asyncio streams <-> asyncio streams child": lambda: timed(s_async.send, s_async.recv),
-                "asyncio streams <-> raw sync child": lambda: timed(s_sync.send, s_sync.recv),
-            }
-            for fn in contenders.values():
-                await fn()
-            names = list(contenders)
-            samples: dict[str, list[float]] = {n: [] for n in names}
-            for r in range(cfg["rt_rounds"]):
+        names = list(contenders)
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        rounds = cfg["rt_rounds"]
+        for r in range(rounds):
+            QUIET.before_round()
+            with QUIET.round("async rt"):
                 for name in rotate(names, r):
-                    samples[name].append(await contenders[name]())
-                log(f"  async rt round {r + 1}/{cfg['rt_rounds']}: "
-                    + ", ".join(f"{n}={samples[n][-1]:.4g}" for n in names))
-            return samples
+                    async with contenders[name]() as measure:
+                        await measure(cfg["art_k"] // 5)
+                        samples[name].append(await measure(None))
+            log(f"  async rt round {r + 1}/{rounds} (other load {QUIET.last:.2f} cores): "
+                + ", ".join(f"{n}={samples[n][-1]:.4g}" for n in names))
+        return samples
 
     return asyncio.run(main())
 
 
 # --------------------------------------------------------------------------- 3. one-way
-def bench_oneway(cfg: dict, stack, log) -> dict[str, list[float]]:
-    """Messages per second: N sends of MSG, then the child's one reply (its count)."""
-    n = cfg["ow_n"]
+def bench_oneway(cfg: dict, log) -> dict[str, list[float]]:
+    """Messages per second: N sends of MSG and a None, then the child's one reply (its count)."""
     perf = time.perf_counter
 
-    def timed(send, recv) -> float:
+    def timed(send, recv, count: int | None) -> float:
+        n = count or cfg["ow_n"]
         msg = MSG
         t0 = perf()
         for _ in range(n):
             send(msg)
+        send(None)
         got = recv()
         t1 = perf()
-        assert got == n, got
+        if got != n:
+            raise RuntimeError(f"child counted {got} messages, expected {n}")
         return n / (t1 - t0)
 
-    fp = forkio_child("count", str(n))
-    stack.callback(close_forkio, fp)
-    fj = forkio_child("count", str(n), serialization="json")
-    stack.callback(close_forkio, fj)
-    fn = forkio_child("count", str(n), script=NODE_CHILD)
-    stack.callback(close_forkio, fn)
-    raw = RawChild("count", str(n))
-    stack.callback(raw.close)
-    if raw.conn.recv() != "ready":
-        raise RuntimeError("raw child did not say ready")
-    mp = MpChild(_mp_count, n)
-    stack.callback(mp.close)
-    node = NodeController()
-    stack.callback(node.close)
-
     contenders = {
-        "forkio pickle": lambda: timed(fp.send, fp.recv),
-        "forkio json": lambda: timed(fj.send, fj.recv),
-        "forkio json -> Node child": lambda: timed(fn.send, fn.recv),
-        "raw socketpair + pickle": lambda: timed(raw.conn.send, raw.conn.recv),
-        "multiprocessing.Pipe": lambda: timed(mp.conn.send, mp.conn.recv),
-        "Node fork() json": lambda: node.ask(f"oneway {n}"),
+        "forkio pickle": _forkio_session("count", timed),
+        "forkio json": _forkio_session("count", timed, serialization="json"),
+        "forkio json -> Node child": _forkio_session("count", timed, script=NODE_CHILD),
+        "raw socketpair + pickle": _raw_session("count", timed),
+        "multiprocessing.Pipe": _mp_session(_mp_count, timed),
+        "Node fork() json": _node_session("oneway", cfg["ow_n"]),
     }
-    for fn_ in contenders.values():
-        fn_()
-    return run_rounds("one-way", contenders, cfg["ow_rounds"], log)
+    return run_rounds("one-way", contenders, cfg["ow_rounds"], log, warm=cfg["ow_n"] // 5)
 
 
 # ----------------------------------------------------------------------------- report
@@ -477,12 +546,12 @@ def summarise(samples: dict[str, list[float]], ref: str, unit: str, fmt: str, hi
 
     ref_med = statistics.median(samples[ref])
     ratio_head = "rate ÷ ref (higher is better)" if higher_is_better else "time ÷ ref (lower is better)"
-    lines = [f"| contender | median {unit} | range (min–max) | {ratio_head} |", "|---|---:|---:|---:|"]
+    lines = [f"| contender | median {unit} | range (min-max) | {ratio_head} |", "|---|---:|---:|---:|"]
     for name, vals in samples.items():
         med = statistics.median(vals)
         mark = " (ref)" if name == ref else ""
-        lines.append(f"| {name}{mark} | {fmt.format(med)} | {fmt.format(min(vals))}–{fmt.format(max(vals))} "
-                     f"| {med / ref_med:.2f}× |")
+        lines.append(f"| {name}{mark} | {fmt.format(med)} | {fmt.format(min(vals))}-{fmt.format(max(vals))} "
+                     f"| {med / ref_med:.2f}x |")
     return lines
 
 
@@ -498,7 +567,8 @@ def verdicts(results: dict[str, dict[str, list[float]]]) -> list[str]:
     if "rt" in med:
         rt = med["rt"]
         ratio = rt["forkio pickle"] / rt["raw socketpair + pickle"]
-        line(ratio <= 1.1, f"forkio pickle round trip ≤ 1.1× raw socketpair: {rt['forkio pickle']:.1f} µs = {ratio:.2f}×")
+        line(ratio <= 1.1,
+             f"forkio pickle round trip ≤ 1.1x raw socketpair: {rt['forkio pickle']:.1f} µs = {ratio:.2f}x")
         line(rt["forkio json"] <= rt["Node fork() json"],
              f"forkio json round trip ≤ Node's: {rt['forkio json']:.1f} µs vs {rt['Node fork() json']:.1f} µs")
     if "async_rt" in med:
@@ -515,6 +585,159 @@ def verdicts(results: dict[str, dict[str, list[float]]]) -> list[str]:
         line(st["forkio json"] <= st["Node fork()"],
              f"forkio json start ≤ Node's fork(): {st['forkio json']:.1f} ms vs {st['Node fork()']:.1f} ms")
     return out
+
+
+def _machine_cpu() -> tuple[float, float, float]:
+    """(busy, steal, total) CPU seconds since boot, all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / hz, steal / hz, sum(fields[:8]) / hz
+
+
+def _process_cpu() -> dict[int, tuple[float, str]]:
+    """CPU seconds used so far by every process on the machine, with its command line."""
+    hz = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[int(name)] = ((int(fields[11]) + int(fields[12])) / hz, cmd[:100])
+    return out
+
+
+def _own_cpu() -> float:
+    """CPU seconds used by this process and every child it has reaped (they reap theirs)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class Quiet:
+    """Before a round, wait (within a budget) for other processes to calm down; during it, measure them.
+
+    "Other load" for a round is the machine's busy CPU time minus this benchmark's own (its
+    process and the children it reaped), divided by the round's wall time: 1.0 means
+    something else kept one of the CPUs busy for the whole round.
+    """
+
+    def __init__(self, threshold: float = 0.3, per_round: float = 0.0, budget: float = 0.0) -> None:
+        self.threshold, self.per_round, self.budget = threshold, per_round, budget
+        self.ok = os.path.exists("/proc/stat")
+        self.waited = 0.0
+        self.gave_up = 0
+        self.last = float("nan")
+        self.loads: dict[str, list[float]] = {}
+
+    def before_round(self) -> None:
+        if not self.ok or self.per_round <= 0:
+            return
+        start = time.monotonic()
+        while True:
+            b0, o0, t0 = _machine_cpu()[0], _own_cpu(), time.monotonic()
+            time.sleep(0.25)
+            busy = (_machine_cpu()[0] - b0 - (_own_cpu() - o0)) / (time.monotonic() - t0)
+            if busy <= self.threshold:
+                break
+            if time.monotonic() - start >= self.per_round or self.waited + time.monotonic() - start >= self.budget:
+                self.gave_up += 1
+                break
+        self.waited += time.monotonic() - start
+
+    def round(self, section: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def measuring():
+            if not self.ok:
+                yield
+                return
+            b0, o0, t0 = _machine_cpu()[0], _own_cpu(), time.monotonic()
+            yield
+            wall = time.monotonic() - t0
+            self.last = max(0.0, (_machine_cpu()[0] - b0 - (_own_cpu() - o0)) / wall)
+            self.loads.setdefault(section, []).append(self.last)
+
+        return measuring()
+
+    def report(self) -> list[str]:
+        import statistics
+
+        if not self.loads:
+            return []
+        parts = [f"{sec} median {statistics.median(v):.2f}, max {max(v):.2f}" for sec, v in self.loads.items()]
+        line = "- other load during the rounds, in cores: " + "; ".join(parts)
+        if self.per_round > 0:
+            line += (f". Before each round it waited for other load ≤ {self.threshold} cores: "
+                     f"{self.waited:.0f} s in all, {self.gave_up} rounds started without quiet")
+        return [line]
+
+
+QUIET = Quiet()
+
+
+class LoadMeter:
+    """What else ran during the benchmark: machine CPU time minus this benchmark's own."""
+
+    def __init__(self) -> None:
+        self.ok = os.path.exists("/proc/stat")
+        if self.ok:
+            self.t0 = time.monotonic()
+            self.machine0 = _machine_cpu()
+            self.procs0 = _process_cpu()
+            self.own0 = sum(os.times()[:4])
+
+    def report(self) -> list[str]:
+        if not self.ok:
+            return []
+        wall = time.monotonic() - self.t0
+        busy1, steal1, _ = _machine_cpu()
+        busy = busy1 - self.machine0[0]
+        steal = steal1 - self.machine0[1]
+        own = sum(os.times()[:4]) - self.own0  # this process and every child it reaped
+        other = max(0.0, busy - own)
+        ncpu = os.cpu_count() or 1
+        lines = [f"- during the run ({wall:.0f} s, {ncpu} CPUs = {wall * ncpu:.0f} CPU-s): this benchmark used "
+                 f"{own:.0f} CPU-s, everything else {other:.0f} CPU-s ({other / wall:.2f} cores on average), "
+                 f"hypervisor steal {steal:.1f} CPU-s"]
+        procs1 = _process_cpu()
+        me = os.getpid()
+        busiest = sorted(((t1 - self.procs0[pid][0], cmd) for pid, (t1, cmd) in procs1.items()
+                          if pid in self.procs0 and pid != me), reverse=True)
+        busiest = [(dt, cmd) for dt, cmd in busiest[:3] if dt >= 1.0]
+        if busiest:
+            lines.append("- busiest other processes alive at start and end: "
+                         + "; ".join(f"`{cmd}` {dt:.0f} CPU-s" for dt, cmd in busiest))
+        return lines
+
+
+def source_version() -> str:
+    """Which forkio ran: where it was imported from, and the git state when that is this checkout."""
+    import subprocess
+
+    import forkio
+
+    where = os.path.dirname(os.path.abspath(forkio.__file__))
+    root = os.path.dirname(HERE)
+    if where != os.path.join(root, "src", "forkio"):
+        return f"- forkio {forkio.__version__} imported from {where} (not this checkout's src/)"
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "src"], capture_output=True,
+                               text=True).stdout.strip()
+    except OSError:
+        head, dirty = "", ""
+    state = f"git {head}{' + uncommitted changes in src/' if dirty else ''}" if head else "no git"
+    return f"- forkio {forkio.__version__} from {where} ({state})"
 
 
 def environment() -> list[str]:
@@ -535,7 +758,7 @@ def environment() -> list[str]:
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         load = "?"
-    return [f"- CPUs: {os.cpu_count()} × {cpu}; load average at start {load}",
+    return [f"- CPUs: {os.cpu_count()} x {cpu}; load average at start {load}",
             f"- Python {platform.python_version()} ({sys.executable}); Node {node}; {platform.platform()}"]
 
 
@@ -544,7 +767,6 @@ SECTIONS = ("start", "rt", "async_rt", "oneway")
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import contextlib
     import json
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -552,6 +774,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--json", metavar="PATH", help="also write every sample to PATH")
     ap.add_argument("-q", "--quiet", action="store_true", help="no per-round progress on stderr")
+    ap.add_argument("--wait-quiet", type=float, metavar="S", default=None,
+                    help="before each round wait up to S s for other processes to go quiet\n"
+                         "(default 3, or 0 with --quick); at most 60 s in all")
+    ap.add_argument("--cpus", metavar="LIST", help="pin the benchmark and every child to these CPUs, e.g. 0 or 0,1")
     opts = ap.parse_args(argv)
     cfg = MODES["quick" if opts.quick else "default"]
     wanted = [s.strip() for s in opts.only.split(",") if s.strip()]
@@ -559,27 +785,37 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
 
+    global QUIET
+    import signal
+
+    def _terminate(signum, _frame):  # SIGTERM unwinds like Ctrl-C, so every finally stops its children
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminate)
+    wait = opts.wait_quiet if opts.wait_quiet is not None else (0.0 if opts.quick else 3.0)
+    QUIET = Quiet(per_round=wait, budget=60.0 if wait > 0 else 0.0)
+    if opts.cpus:
+        os.sched_setaffinity(0, {int(c) for c in opts.cpus.split(",")})  # children inherit it
+
     def log(text: str) -> None:
         if not opts.quiet:
             print(text, file=sys.stderr, flush=True)
 
     t_start = time.monotonic()
-    env_lines = environment()
+    env_lines = [*environment(), source_version()]
+    meter = LoadMeter()
     results: dict[str, dict[str, list[float]]] = {}
     for section in SECTIONS:
         if section not in wanted:
             continue
         log(f"[{section}]")
-        if section == "async_rt":
-            results[section] = bench_async_rt(cfg, log)
-            continue
-        with contextlib.ExitStack() as stack:  # every child of the section stopped, even on error
-            fn = {"start": bench_start, "rt": bench_rt, "oneway": bench_oneway}[section]
-            results[section] = fn(cfg, stack, log)
+        fn = {"start": bench_start, "rt": bench_rt, "async_rt": bench_async_rt, "oneway": bench_oneway}[section]
+        results[section] = fn(cfg, log)  # every child is stopped in a finally as its round ends
     elapsed = time.monotonic() - t_start
+    env_lines += meter.report() + QUIET.report()
 
     out = [f"## forkio IPC benchmark ({'quick' if opts.quick else 'default'} mode, {elapsed:.0f} s)", "", *env_lines,
-           f"- config: {cfg}", ""]
+           f"- config: {cfg}" + (f"; pinned to CPUs {opts.cpus}" if opts.cpus else "; not pinned"), ""]
     tables = {
         "start": ("### 1. Start: call → first message", "Node fork()", "ms", "{:.1f}", False),
         "rt": ("### 2. Round trip, small dict (sync)", "raw socketpair + pickle", "µs", "{:.1f}", False),

@@ -1,4 +1,4 @@
-"""forkio child for bench/ipc.py: ``first`` | ``echo`` | ``count N`` | ``aecho``.
+"""forkio child for bench/ipc.py: ``first`` | ``echo`` | ``count`` | ``aecho``.
 
 Every mode sends one message first ("ready"), so the parent can time fork -> first message
 and knows the child is up before it starts timing anything else.
@@ -31,15 +31,13 @@ elif mode == "echo":
     send = parent.send
     for msg in parent:
         send(msg)
-elif mode == "count":
-    n = int(sys.argv[2])
-    recv, send = parent.recv, parent.send
-    while parent.connected:
-        try:
-            for _ in range(n):
-                recv()
-        except Exception:  # ChannelClosed: the parent is done
-            break
-        send(n)
+elif mode == "count":  # count messages until a None, answer with the count
+    count = 0
+    for msg in parent:
+        if msg is None:
+            parent.send(count)
+            count = 0
+        else:
+            count += 1
 else:
     raise SystemExit(f"unknown mode {mode!r}")

@@ -1,10 +1,10 @@
 'use strict';
 // Node's own fork(), timed by Node itself. Driven by bench/ipc.py over stdin/stdout, one
-// command per line, one JSON reply per line, so its children stay warm across rounds like
-// the Python contenders' do:
+// command per line, one JSON reply per line (bench/ipc.py starts a fresh one every round and
+// sends each command twice: a warm-up, then the timed one):
 //   first      -> {"value": ms from fork() to the child's first message}
 //   rt K       -> {"value": us per round trip, mean of K sequential round trips}
-//   oneway N   -> {"value": messages/s, N sends then the child's one reply}
+//   oneway N   -> {"value": messages/s, N sends and a null, then the child's one reply (its count)}
 // stdin closing (or "quit") disconnects every child and exits.
 const { fork } = require('child_process');
 const path = require('path');
@@ -23,10 +23,10 @@ function started(child) {
   });
 }
 
-async function persistent(mode, arg) {
-  const key = `${mode} ${arg}`;
+async function persistent(mode) {
+  const key = mode;
   if (!children.has(key)) {
-    const child = fork(CHILD, arg === undefined ? [mode] : [mode, String(arg)]);
+    const child = fork(CHILD, [mode]);
     children.set(key, child);
     await started(child);
     child.removeAllListeners('exit');
@@ -66,11 +66,16 @@ async function rt(k) {
 }
 
 async function oneway(n) {
-  const child = await persistent('count', n);
-  return new Promise((resolve) => {
+  const child = await persistent('count');
+  return new Promise((resolve, reject) => {
     const t0 = now();
-    child.once('message', () => resolve(n / (Number(now() - t0) / 1e9)));
+    child.once('message', (count) => {
+      const t1 = now();
+      if (count !== n) reject(new Error(`child counted ${count}, expected ${n}`));
+      else resolve(n / (Number(t1 - t0) / 1e9));
+    });
     for (let i = 0; i < n; i++) child.send(MSG);
+    child.send(null);
   });
 }
 

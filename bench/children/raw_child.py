@@ -1,6 +1,6 @@
 """Reference child for bench/ipc.py: plain socket + pickle, no library.
 
-Frames are a 4-byte big-endian length then a pickle. Modes: ``echo`` | ``count N`` |
+Frames are a 4-byte big-endian length then a pickle. Modes: ``echo`` | ``count`` |
 ``aecho`` (asyncio streams). The socket fd is argv[1]. Sends b"ready" first.
 """
 
@@ -68,13 +68,13 @@ send("ready")
 if mode == "echo":
     for msg in frames():
         send(msg)
-elif mode == "count":
-    n = int(sys.argv[3])
-    got = 0
-    for _ in frames():
-        got += 1
-        if got == n:
-            send(n)
-            got = 0
+elif mode == "count":  # count messages until a None, answer with the count
+    count = 0
+    for msg in frames():
+        if msg is None:
+            send(count)
+            count = 0
+        else:
+            count += 1
 else:
     raise SystemExit(f"unknown mode {mode!r}")
