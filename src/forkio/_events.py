@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +56,8 @@ class EventEmitter:
             try:
                 callback(*args)
             except Exception:
+                import traceback  # here, not at the top: a child's start-up should not pay for it
+
                 print(f"forkio: exception in {event!r} listener {callback!r}:", file=sys.stderr)
                 traceback.print_exc()
         return bool(listeners)
