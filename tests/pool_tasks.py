@@ -38,6 +38,14 @@ def fail_unpicklably(message: str) -> None:
     raise Unpicklable(message)
 
 
+def fail_with_http_error() -> None:
+    """urllib's HTTPError pickles in the worker but cannot be unpickled in the caller."""
+    import io
+    import urllib.error
+
+    raise urllib.error.HTTPError("http://127.0.0.1/x", 500, "Internal Server Error", {}, io.BytesIO(b""))  # type: ignore[arg-type]
+
+
 def return_unpicklable() -> Any:
     return threading.Lock()
 

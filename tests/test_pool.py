@@ -45,6 +45,13 @@ def test_unpicklable_exception_arrives_as_remote_error(pool: Pool) -> None:
     assert "fail_unpicklably" in info.value.traceback
 
 
+def test_exception_that_will_not_unpickle_arrives_as_remote_error(pool: Pool) -> None:
+    with pytest.raises(forkio.RemoteError) as info:
+        pool.submit(tasks.fail_with_http_error).result(timeout=30)
+    assert info.value.type_name == "urllib.error.HTTPError" and "500" in str(info.value)
+    assert "fail_with_http_error" in info.value.traceback
+
+
 def test_unpicklable_argument_fails_that_task_only(pool: Pool) -> None:
     import threading
 

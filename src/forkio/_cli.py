@@ -216,7 +216,9 @@ def run_map(args: argparse.Namespace) -> int:
     failures: dict[str, int] = {}
     started = time.monotonic()
     status = EXIT_OK
-    pool = Pool(args.workers, task_timeout=args.timeout, retries=args.retries, preload=tuple(args.preload))
+    # Workers import the function's module as they start, so --timeout counts the work, not the import.
+    pool = Pool(args.workers, task_timeout=args.timeout, retries=args.retries, preload=tuple(args.preload),
+                initializer=importlib.import_module, initargs=(fn.__module__,))
     try:
         for result in pool.stream(partial(_call, fn), pending, ordered=args.ordered):
             index, value = result.input

@@ -85,12 +85,16 @@ class TaskFuture(Future[Any]):
 
 
 def _decode_error(payload: bytes) -> BaseException:
-    exc, detail = pickle.loads(payload)
-    if exc is None:
-        name, message, tb_text = detail
+    """A task's exception as its own type, or as ``RemoteError`` if it will not unpickle here."""
+    exc_bytes, name, message, tb_text = pickle.loads(payload)
+    try:
+        exc = pickle.loads(exc_bytes) if exc_bytes is not None else None
+    except Exception:  # e.g. urllib's HTTPError pickles, but does not unpickle
+        exc = None
+    if not isinstance(exc, BaseException):
         return RemoteError(name, message, tb_text)
-    exc.__cause__ = RemoteTraceback(detail)
-    return exc  # type: ignore[no-any-return]
+    exc.__cause__ = RemoteTraceback(tb_text)
+    return exc
 
 
 class _Proc:

@@ -71,13 +71,15 @@ def loads(payload: bytes) -> Any:
 
 
 def encode_error(exc: BaseException) -> bytes:
-    """An exception with its traceback text, pickled; one that cannot be pickled travels as text."""
+    """An exception, pickled apart from its description and traceback text, so the caller can
+    still report it (as ``RemoteError``) if it cannot be pickled here or unpickled there."""
     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     try:
-        return pickle.dumps((exc, tb_text), 5)
+        exc_bytes: bytes | None = pickle.dumps(exc, 5)
     except Exception:
-        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        return pickle.dumps((None, (name, str(exc), tb_text)), 5)
+        exc_bytes = None
+    return pickle.dumps((exc_bytes, name, str(exc), tb_text), 5)
 
 
 def progress(done: float, total: float | None = None) -> None:
