@@ -21,8 +21,9 @@ import time
 from collections import deque
 from typing import Any
 
-from ._codec import DEFAULT_MAX_FRAME, Codec, Incoming, make_codec
-from ._errors import ChannelClosed, ProtocolError, WaitTimeout
+from . import _shm
+from ._codec import DEFAULT_MAX_FRAME, Codec, Incoming, PickleCodec, make_codec, segment_layout
+from ._errors import ChannelClosed, ProtocolError, SerializationError, WaitTimeout
 from ._handles import Handle, close_fds, handle_fd, rebuild_handle
 
 RECV_SIZE = 64 * 1024
@@ -53,7 +54,14 @@ class Channel:
         self.fd = sock.fileno()  # kept after close, to unregister from event loops
         self.serialization = serialization
         self.codec: Codec = make_codec(serialization, max_frame_size=max_frame_size)
-        self._decoder = self.codec.decoder()
+        self._pickle = self.codec if isinstance(self.codec, PickleCodec) else None
+        #: Buffers of at least this many bytes travel through shared memory (None: never).
+        self.zero_copy_threshold: int | None = _shm.DEFAULT_THRESHOLD if self._pickle is not None else None
+        self._outbox: _shm.Outbox | None = None
+        self._inbox_segments: _shm.Inbox | None = None
+        self._owned: set[int] = set()  # segment fds encoded but not yet handed to the kernel
+        self._reusable = _shm.REUSABLE
+        self._decoder = self._pickle.decoder(self._map_segment) if self._pickle is not None else self.codec.decoder()
         self._recv_buffer = bytearray(RECV_SIZE)
         self._recv_view = memoryview(self._recv_buffer)
         self._inbox: deque[Incoming] = deque()
@@ -91,6 +99,11 @@ class Channel:
                 close_fds(self._inbox.popleft()[1])
             self._cond.notify_all()
         self._release_socket()
+        self._disown(list(self._owned))
+        if self._outbox is not None:
+            self._outbox.close()
+        if self._inbox_segments is not None:
+            self._inbox_segments.close()
 
     def _release_socket(self) -> None:
         try:
@@ -99,19 +112,76 @@ class Channel:
             pass
         with self._send_lock:
             self.sock.close()
+        self._decoder.close()  # fds of a frame that will never complete
 
     # ---------------------------------------------------------------- sending
     def encode(self, message: Message, handle: Handle | None = None) -> tuple[bytes, list[int]]:
-        """Frame bytes and fds for one message; raises ``SerializationError`` and sends nothing."""
+        """Frame bytes and fds for one message; raises ``SerializationError`` and sends nothing.
+
+        Large buffers are copied into a shared segment whose fd ends the list; the channel closes
+        that fd once the frame has been handed to the kernel (or failed to be).
+        """
+        codec = self._pickle
+        threshold = self.zero_copy_threshold
         if handle is None:
-            return self.codec.encode(message), []
+            if codec is None or threshold is None:
+                return self.codec.encode(message), []
+            data, shared = codec.encode_message(message, threshold, self._reusable)
+            if not shared:
+                return data, []
+            return data, [self._pack(shared)]
         fd, kind = handle_fd(handle)
-        return self.codec.encode(message, kind), [fd]
+        if codec is None or threshold is None:
+            return self.codec.encode(message, kind), [fd]
+        data, shared = codec.encode_shared(message, kind, threshold=threshold, reusable=_shm.REUSABLE)
+        return data, ([fd, self._pack(shared)] if shared else [fd])
+
+    def encode_fds(self, message: Message, fds: list[int]) -> tuple[bytes, list[int]]:
+        """Like ``encode``, for a message that carries several plain fds (received as a list)."""
+        if self._pickle is None:
+            raise ValueError("several fds per message need serialization='pickle'")
+        data, shared = self._pickle.encode_shared(message, raw_fds=len(fds), threshold=self.zero_copy_threshold,
+                                                  reusable=_shm.REUSABLE)
+        return data, ([*fds, self._pack(shared)] if shared else list(fds))
+
+    def _pack(self, shared: list[memoryview]) -> int:
+        offsets, size = segment_layout(shared)
+        if self._outbox is None:
+            self._outbox = _shm.Outbox()
+        try:
+            fd = self._outbox.pack(shared, offsets, size)
+        except OSError as exc:
+            raise SerializationError(f"cannot place {size} bytes in shared memory: {exc}") from exc
+        self._owned.add(fd)
+        return fd
+
+    def _disown(self, fds: list[int]) -> None:
+        """Close the segment fds among ``fds``: they are in flight now, or will never be."""
+        for fd in fds:
+            if fd in self._owned:
+                self._owned.discard(fd)
+                os.close(fd)
 
     def send(self, message: Message, handle: Handle | None = None) -> None:
         """Send one message, blocking while the peer is behind (backpressure)."""
         data, fds = self.encode(message, handle)
-        self.send_bytes(data, fds)
+        if not fds:
+            self.send_bytes(data)
+            return
+        try:
+            self.send_bytes(data, fds)
+        finally:
+            if self._owned:
+                self._disown(fds)
+
+    def send_fds(self, message: Message, fds: list[int]) -> None:
+        """Send one message with several fds; the receiver gets them from ``recv_fds``."""
+        data, all_fds = self.encode_fds(message, fds)
+        try:
+            self.send_bytes(data, all_fds)
+        finally:
+            if self._owned:
+                self._disown(all_fds)
 
     def send_bytes(self, data: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
         """Write encoded frames whole; blocks while the socket is full (backpressure)."""
@@ -129,16 +199,29 @@ class Channel:
 
     def try_send(self, view: memoryview | bytes, fds: list[int] = ()) -> int:  # type: ignore[assignment]
         """One non-blocking write; returns the bytes sent (0 when the socket is full)."""
-        self._check_sendable()
+        if not fds:
+            self._check_sendable()
+            try:
+                return self.sock.send(view, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return 0
+            except OSError as exc:
+                raise self._send_failed(exc) from exc
         try:
-            if fds:
-                return self.sock.sendmsg(
-                    [view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))], socket.MSG_DONTWAIT)
-            return self.sock.send(view, socket.MSG_DONTWAIT)
+            self._check_sendable()
+            sent = self.sock.sendmsg(
+                [view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))], socket.MSG_DONTWAIT)
         except BlockingIOError:
             return 0
         except OSError as exc:
+            self._disown(fds)
             raise self._send_failed(exc) from exc
+        except BaseException:
+            self._disown(fds)
+            raise
+        if self._owned:
+            self._disown(fds)
+        return sent
 
     def _check_sendable(self) -> None:
         if self._closed:
@@ -196,6 +279,11 @@ class Channel:
         else:
             close_fds(fds)
 
+    def _map_segment(self, fd: int, reusable: bool) -> memoryview:
+        if self._inbox_segments is None:
+            self._inbox_segments = _shm.Inbox()
+        return self._inbox_segments.map(fd, reusable)
+
     def pop(self, with_handle: bool) -> Any:
         """Take the next decoded message (raising the error that replaced it, if any)."""
         message, fds, handle_kind, _internal, error = self._inbox.popleft()
@@ -220,14 +308,29 @@ class Channel:
             raise ChannelClosed("channel is broken") from self._broken
         raise ChannelClosed("peer closed the channel")
 
-    def recv(self, timeout: float | None = None, *, with_handle: bool = False) -> Any:
-        """The next message, waiting up to ``timeout`` seconds (forever when None)."""
+    def pop_fds(self) -> tuple[Any, list[int]]:
+        """Take the next decoded message with every fd that came with it (the caller owns them)."""
+        message, fds, _handle_kind, _internal, error = self._inbox.popleft()
+        if error is not None:
+            raise error
+        return message, list(fds)
+
+    def recv_fds(self, timeout: float | None = None) -> tuple[Any, list[int]]:
+        """The next message and all its fds (see ``send_fds``)."""
+        result: tuple[Any, list[int]] = self.recv(timeout, with_handle=None)
+        return result
+
+    def recv(self, timeout: float | None = None, *, with_handle: bool | None = False) -> Any:
+        """The next message, waiting up to ``timeout`` seconds (forever when None).
+
+        ``with_handle=None`` is ``recv_fds``: the message and a list of its fds.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         cond = self._cond
         with cond:
             while True:
                 if self._inbox:
-                    return self.pop(with_handle)
+                    return self.pop_fds() if with_handle is None else self.pop(with_handle)
                 if not self.connected:
                     self._check_open()
                 remaining = None if deadline is None else deadline - time.monotonic()
