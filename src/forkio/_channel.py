@@ -3,11 +3,12 @@
 The socket stays in blocking mode: a sync ``send`` or ``recv`` is one system call, and a
 full socket blocks the sender (backpressure). Non-blocking attempts pass ``MSG_DONTWAIT``;
 the asyncio face uses only those, waiting with the event loop's reader and writer callbacks.
-Either way the same engine decodes, orders, answers Node's internal messages and keeps received fds from leaking.
+Either way the same engine decodes, orders, answers Node's internal messages and keeps
+received fds from leaking.
 
 Thread safety: any number of threads may send and receive at once. Sends are serialised by
-a lock (frames never interleave); among receivers, one at a time reads the socket and the
-others wait on a condition for what it decodes.
+a lock (frames never interleave); among receivers, one at a time reads the socket (a plain
+lock, taken without waiting) and the others wait on a condition for what it decodes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from ._handles import Handle, close_fds, handle_fd, rebuild_handle
 RECV_SIZE = 64 * 1024
 _MAX_FDS_PER_READ = 64
 _ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS_PER_READ * 4)
-_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+# Plain ints: or-ing the socket module's IntFlag members costs a microsecond per read.
+_RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_RECV_FLAGS_NOWAIT = _RECV_FLAGS | int(socket.MSG_DONTWAIT)
 
 Message = Any
 
@@ -66,8 +69,9 @@ class Channel:
         self._recv_view = memoryview(self._recv_buffer)
         self._inbox: deque[Incoming] = deque()
         self._send_lock = threading.Lock()
-        self._cond = threading.Condition(threading.Lock())
-        self._reading = False
+        self._read_lock = threading.Lock()  # held by the one thread reading the socket
+        self._cond = threading.Condition(threading.Lock())  # where the other readers wait
+        self._waiting = 0
         self._eof = False
         self._closed = False
         self._broken: BaseException | None = None
@@ -239,7 +243,7 @@ class Channel:
         """Read once (waiting for data if ``block``) and decode. False when there was nothing to read."""
         try:
             nbytes, ancdata, _flags, _ = self.sock.recvmsg_into(
-                [self._recv_view], _ANC_SIZE, _RECV_FLAGS if block else _RECV_FLAGS | socket.MSG_DONTWAIT)
+                [self._recv_view], _ANC_SIZE, _RECV_FLAGS if block else _RECV_FLAGS_NOWAIT)
         except BlockingIOError:
             return False
         except (ConnectionResetError, OSError) as exc:
@@ -326,30 +330,40 @@ class Channel:
         ``with_handle=None`` is ``recv_fds``: the message and a list of its fds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        cond = self._cond
-        with cond:
-            while True:
-                if self._inbox:
-                    return self.pop_fds() if with_handle is None else self.pop(with_handle)
-                if not self.connected:
-                    self._check_open()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise WaitTimeout(f"no message within {timeout} s")
-                if self._reading:
-                    cond.wait(remaining)
-                    continue
-                self._reading = True
-                cond.release()
+        inbox = self._inbox
+        while True:
+            if inbox:
                 try:
+                    return self.pop_fds() if with_handle is None else self.pop(with_handle)
+                except IndexError:  # another thread took it first
+                    continue
+            if not self.connected:
+                self._check_open()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise WaitTimeout(f"no message within {timeout} s")
+            if self._read_lock.acquire(blocking=False):
+                try:
+                    if inbox:
+                        continue
                     if remaining is None:
                         self.read_available(block=True)
                     elif not self.read_available():
                         self._in_poll.poll(max(0.0, remaining * 1000))
                 finally:
-                    cond.acquire()
-                    self._reading = False
-                    cond.notify_all()
+                    self._read_lock.release()
+                    if self._waiting:
+                        with self._cond:
+                            self._cond.notify_all()
+            else:
+                # Another thread is reading: wait for it to hand over what it decodes.
+                with self._cond:
+                    self._waiting += 1
+                    try:
+                        if not inbox and self._read_lock.locked():
+                            self._cond.wait(remaining)
+                    finally:
+                        self._waiting -= 1
 
     def __iter__(self) -> Channel:
         return self
