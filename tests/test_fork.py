@@ -69,9 +69,11 @@ def test_exit_event_once_after_all_messages(children: Path) -> None:
     events: list[object] = []
     exited = threading.Event()
     child = forkio.fork(children / "say_then_exit.py", ["50"])
-    child.on("message", lambda m: events.append(m["i"]))
+    # The "message" listener starts the reader: listen for the rest first, or a child that is
+    # done within a millisecond (a zygote's) disconnects before anyone listens.
     child.on("disconnect", lambda: events.append("disconnect"))
     child.on("exit", lambda code, sig: (events.append(("exit", code, sig)), exited.set()))
+    child.on("message", lambda m: events.append(m["i"]))
     assert exited.wait(10)
     child.wait(timeout=5)
     assert events[:50] == list(range(50))
@@ -267,3 +269,30 @@ def test_repr_says_what_and_how(children: Path) -> None:
     assert "echo.py" in repr(child) and "running" in repr(child) and str(child.pid) in repr(child)
     child.close()
     assert "exit code 0" in repr(child)
+
+
+def test_signal_during_a_big_send_never_leaves_garbage(children: Path) -> None:
+    """A signal handler raises while a frame is half written: the channel breaks cleanly (the
+    peer sees its end, not a cut frame followed by more bytes), and says so with ChannelClosed."""
+    import signal as signals
+
+    class Alarm(Exception):
+        pass
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise Alarm
+
+    previous = signals.signal(signals.SIGALRM, on_alarm)
+    try:
+        with forkio.fork(children / "slow_reader.py", ["0.6"]) as child:
+            assert child.recv(timeout=10) == "ready"
+            big = "z" * (8 << 20)  # inline (a str, not a buffer for shared memory): the send blocks midway
+            signals.setitimer(signals.ITIMER_REAL, 0.2)
+            with pytest.raises(Alarm):
+                child.send(big)
+            with pytest.raises(ChannelClosed, match="broken"):
+                child.send("after")
+            assert child.wait(timeout=20) == 0  # the child saw a clean end, not garbage
+    finally:
+        signals.setitimer(signals.ITIMER_REAL, 0)
+        signals.signal(signals.SIGALRM, previous)

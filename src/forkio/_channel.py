@@ -188,7 +188,14 @@ class Channel:
                 self._disown(all_fds)
 
     def send_bytes(self, data: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
-        """Write encoded frames whole; blocks while the socket is full (backpressure)."""
+        """Write encoded frames whole; blocks while the socket is full (backpressure).
+
+        If a signal handler raises during the write (Ctrl-C in a big send), nobody can tell how
+        much of the frame went out: Python drops the byte count when the handler's exception
+        replaces the call's result. Rather than risk half a frame, which would turn everything
+        after it into garbage for the peer, the channel is broken: the peer sees the end of
+        the channel, later sends raise ``ChannelClosed``, and the exception goes on.
+        """
         with self._send_lock:
             self._check_sendable()
             try:
@@ -200,6 +207,13 @@ class Channel:
                     self.sock.sendall(data)
             except OSError as exc:  # EPIPE / ECONNRESET: the peer is gone (or we closed meanwhile)
                 raise self._send_failed(exc) from exc
+            except BaseException as exc:
+                self._broken = exc
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                raise
 
     def try_send(self, view: memoryview | bytes, fds: list[int] = ()) -> int:  # type: ignore[assignment]
         """One non-blocking write; returns the bytes sent (0 when the socket is full)."""

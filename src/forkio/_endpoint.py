@@ -86,8 +86,9 @@ class Endpoint(EventEmitter):
 
     def _listening(self, event: str) -> None:
         if event == "message" and self._reader is None and self._channel is not None:
-            self._reader = threading.Thread(target=self._pump, name=f"forkio-reader-{self!r}", daemon=True)
-            self._reader.start()
+            reader = threading.Thread(target=self._pump, name=f"forkio-reader-{self!r}", daemon=True)
+            reader.start()
+            self._reader = reader  # only once started: the exit watcher joins it
 
     def _pump(self) -> None:
         """Reader thread: deliver messages to listeners until the channel closes."""
