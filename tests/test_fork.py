@@ -69,11 +69,12 @@ def test_exit_event_once_after_all_messages(children: Path) -> None:
     events: list[object] = []
     exited = threading.Event()
     child = forkio.fork(children / "say_then_exit.py", ["50"])
-    # The "message" listener starts the reader: listen for the rest first, or a child that is
-    # done within a millisecond (a zygote's) disconnects before anyone listens.
+    # A child from the zygote may be done within a millisecond, before the listeners are all
+    # there: "disconnect" before the "message" listener starts the reader (it would fire
+    # unheard), "exit" after it (its watcher waits for the reader it finds).
     child.on("disconnect", lambda: events.append("disconnect"))
-    child.on("exit", lambda code, sig: (events.append(("exit", code, sig)), exited.set()))
     child.on("message", lambda m: events.append(m["i"]))
+    child.on("exit", lambda code, sig: (events.append(("exit", code, sig)), exited.set()))
     assert exited.wait(10)
     child.wait(timeout=5)
     assert events[:50] == list(range(50))

@@ -37,6 +37,10 @@ if TYPE_CHECKING:
     from ._pool_worker import report as report
     from ._process import ChildProcess as ChildProcess
     from ._process import fork as fork
+    from ._zygote import PreloadError as PreloadError
+    from ._zygote import ZygoteError as ZygoteError
+    from ._zygote import get_preload as get_preload
+    from ._zygote import set_preload as set_preload
 
 __version__ = "0.1.0"
 
@@ -55,6 +59,10 @@ _LAZY = {
     "TaskResult": "._pool_stream",
     "progress": "._pool_worker",
     "report": "._pool_worker",
+    "PreloadError": "._zygote",
+    "ZygoteError": "._zygote",
+    "get_preload": "._zygote",
+    "set_preload": "._zygote",
 }
 
 
@@ -80,6 +88,7 @@ __all__ = [
     "Parent",
     "Pool",
     "PoolClosed",
+    "PreloadError",
     "ProtocolError",
     "RemoteError",
     "SerializationError",
@@ -89,10 +98,13 @@ __all__ = [
     "TaskTimeout",
     "WaitTimeout",
     "WorkerCrashed",
+    "ZygoteError",
     "afork",
     "aparent",
     "fork",
+    "get_preload",
     "parent",
     "progress",
     "report",
+    "set_preload",
 ]

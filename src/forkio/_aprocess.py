@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 from collections.abc import Sequence
 
 from . import _parent
@@ -16,17 +15,17 @@ from ._aio import AsyncEndpoint, _resolve
 from ._channel import Channel
 from ._codec import DEFAULT_MAX_FRAME
 from ._errors import ChannelClosed, WaitTimeout
-from ._launch import LaunchSpec, build_spec, submit_start
+from ._launch import LaunchSpec, ProcessHandle, build_spec, submit_start
 from ._process import DEFAULT_GRACE, _Process
 
 
 class AsyncChildProcess(_Process, AsyncEndpoint):
     """A running child with a message channel (asyncio face). Create with ``await forkio.afork()``."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], channel: Channel, spec: LaunchSpec, *,
-                 kill_signal: int, timeout: float | None) -> None:
+    def __init__(self, popen: ProcessHandle, channel: Channel, spec: LaunchSpec, *,
+                 kill_signal: int, timeout: float | None, start_method: str = "exec") -> None:
         AsyncEndpoint.__init__(self, channel)
-        self._init_process(popen, spec, kill_signal)
+        self._init_process(popen, spec, kill_signal, start_method)
         self._arm_timeout(timeout)
 
     async def wait(self, timeout: float | None = None) -> int:
@@ -38,7 +37,7 @@ class AsyncChildProcess(_Process, AsyncEndpoint):
                 raise WaitTimeout(f"child {self.pid} still running after {timeout} s") from None
         code = self._popen.poll()
         if code is None:
-            code = await _exited(self._popen)
+            code = await _exited(self._popen, self._sentinel)
         self._cancel_timeout()
         return code
 
@@ -49,9 +48,11 @@ class AsyncChildProcess(_Process, AsyncEndpoint):
             if sig is not None:
                 self.kill(sig)
             try:
-                return await self.wait(wait_for)
+                code = await self.wait(wait_for)
             except WaitTimeout:
                 continue
+            self._release_sentinel()
+            return code
         raise AssertionError("unreachable")
 
     async def __aenter__(self) -> AsyncChildProcess:
@@ -64,23 +65,18 @@ class AsyncChildProcess(_Process, AsyncEndpoint):
         return self._describe("AsyncChildProcess", self.connected)
 
 
-async def _exited(popen: subprocess.Popen[bytes]) -> int:
-    """Await a process's exit: a pidfd in the event loop where there is one, else a thread."""
+async def _exited(popen: ProcessHandle, pidfd: int | None) -> int:
+    """Await a process's exit: its pidfd in the event loop where there is one, else a thread."""
     loop = asyncio.get_running_loop()
-    try:
-        pidfd = os.pidfd_open(popen.pid)
-    except (AttributeError, OSError):
+    if pidfd is None:
         return await loop.run_in_executor(None, popen.wait)
+    ready = loop.create_future()
+    loop.add_reader(pidfd, _resolve, ready)
     try:
-        ready = loop.create_future()
-        loop.add_reader(pidfd, _resolve, ready)
-        try:
-            if popen.poll() is None:
-                await ready
-        finally:
-            loop.remove_reader(pidfd)
+        if popen.poll() is None:
+            await ready
     finally:
-        os.close(pidfd)
+        loop.remove_reader(pidfd)
     return popen.wait()
 
 
@@ -89,14 +85,15 @@ async def afork(script: str | os.PathLike[str] | None = None, args: Sequence[str
                 executable: str | None = None, exec_args: Sequence[str] = (), stdio: str = "inherit",
                 serialization: str | None = None, timeout: float | None = None,
                 kill_signal: int = signal.SIGTERM, detached: bool = False,
-                max_frame_size: int = DEFAULT_MAX_FRAME) -> AsyncChildProcess:
+                max_frame_size: int = DEFAULT_MAX_FRAME, start: str = "auto",
+                preload: Sequence[str] | None = None) -> AsyncChildProcess:
     """``fork()`` for asyncio code: the same options, an ``AsyncChildProcess`` back."""
     spec = build_spec(os.fspath(script) if script is not None else None, args, module=module, cwd=cwd,
                       env=env, executable=executable, exec_args=exec_args, stdio=stdio,
-                      serialization=serialization, detached=detached)
-    popen, sock = await asyncio.wrap_future(submit_start(spec))
+                      serialization=serialization, detached=detached, start=start, preload=preload)
+    popen, sock, method = await asyncio.wrap_future(submit_start(spec))
     channel = Channel(sock, serialization=spec.serialization, max_frame_size=max_frame_size)
-    return AsyncChildProcess(popen, channel, spec, kill_signal=kill_signal, timeout=timeout)
+    return AsyncChildProcess(popen, channel, spec, kill_signal=kill_signal, timeout=timeout, start_method=method)
 
 
 class AsyncParent(AsyncEndpoint):

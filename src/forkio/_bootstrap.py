@@ -3,6 +3,10 @@
 Started as ``python -c <bootstrap> script|module TARGET ARGS...``. It arms parent-death
 delivery, takes the channel from the environment (as Node does) and then runs the target as
 ``__main__`` with ``sys.argv`` and ``sys.path[0]`` set as ``python TARGET ARGS`` would set them.
+
+Started as ``python -c <bootstrap> zygote ...`` it is the zygote instead (``_zygote_main``):
+``serve`` returns only in a child cloned from it, already set up as this path sets up an exec'd
+child, and the target then runs here through the same lines.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import os
 import runpy
 import signal
 import sys
+from typing import Any
 
 
 def arm_parent_death_signal(parent_pid: int, signum: int = signal.SIGTERM) -> None:
@@ -27,17 +32,37 @@ def arm_parent_death_signal(parent_pid: int, signum: int = signal.SIGTERM) -> No
 
 
 def main() -> None:
-    kind, target, *args = sys.argv[1:]
-    parent_pid = os.environ.pop("FORKIO_PARENT_PID", None)
-    if parent_pid:
-        arm_parent_death_signal(int(parent_pid))
-    from forkio import _parent  # noqa: F401  (takes the channel fd out of the environment)
+    kind, *rest = sys.argv[1:]
+    prepared = None
+    if kind == "zygote":
+        from forkio import _zygote_main
 
-    if kind == "script":
-        sys.argv = [target, *args]
-        sys.path[0] = os.path.dirname(target)
-        runpy.run_path(target, run_name="__main__")
+        kind, target, args, prepared = _zygote_main.serve(rest)
     else:
-        sys.argv = [target, *args]
+        target, *args = rest
+        parent_pid = os.environ.pop("FORKIO_PARENT_PID", None)
+        if parent_pid:
+            arm_parent_death_signal(int(parent_pid))
+        from forkio import _parent  # noqa: F401  (takes the channel fd out of the environment)
+    run(kind, target, args, prepared)
+
+
+def run(kind: str, target: str, args: list[str], prepared: Any = None) -> None:
+    """Run ``target`` as ``__main__``, as ``python TARGET ARGS`` or ``python -m TARGET ARGS`` would.
+
+    ``prepared`` is what a zygote already found and compiled, ``(code, spec)``: the same
+    runpy steps then run without repeating that work in the child.
+    """
+    sys.argv = [target, *args]
+    if kind == "script":
+        sys.path[0] = os.path.dirname(target)
+        if prepared is None:
+            runpy.run_path(target, run_name="__main__")
+        else:  # what run_path does for a plain file, from its compiled code
+            runpy._run_module_code(prepared[0], None, "__main__", pkg_name="", script_name=target)  # type: ignore[attr-defined]
+    else:
         sys.path[0] = os.getcwd()
-        runpy.run_module(target, run_name="__main__", alter_sys=True)
+        if prepared is None:
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        else:  # what run_module(alter_sys=True) does once it has the module's code and spec
+            runpy._run_module_code(prepared[0], None, "__main__", prepared[1])  # type: ignore[attr-defined]

@@ -1,8 +1,13 @@
 """Process launch: the command line, the environment and the channel handed to a child.
 
-Every child is started from one long-lived launcher thread. On Linux a child asks for
-``PR_SET_PDEATHSIG``, which fires when the *thread* that forked it ends, not the process;
-forking from a short-lived worker thread would kill its children with it.
+Every exec'd child, and every zygote, is started from one long-lived launcher thread. On Linux
+a child asks for ``PR_SET_PDEATHSIG``, which fires when the *thread* that forked it ends, not
+the process; forking from a short-lived worker thread would kill its children with it.
+Children cloned by a zygote share the zygote's parent, that same thread (see ``_zygote``).
+
+``start="auto"`` (the default) takes a Python child from a zygote where that is safe (Linux,
+the default interpreter without ``exec_args``) and execs it otherwise; Node children are
+always exec'd.
 """
 
 from __future__ import annotations
@@ -16,14 +21,15 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any, Protocol
 
 NODE_SUFFIXES = (".js", ".mjs", ".cjs")
 STDIO_MODES = ("inherit", "pipe", "ignore")
+START_METHODS = ("auto", "zygote", "exec")
 
 _FORKIO_PATH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Run in the child by ``python -c``: find forkio wherever the parent found it, then step aside.
-_BOOTSTRAP = (
+BOOTSTRAP = (
     f"import sys; sys.path.insert(0, {_FORKIO_PATH!r}); import forkio._bootstrap as b; "
     "del sys.path[0]; b.main()"
 )
@@ -42,6 +48,26 @@ class LaunchSpec:
     is_node: bool
     label: str = ""
     extra_fds: tuple[int, ...] = field(default=())
+    start: str = "exec"  # how to start it: "zygote" or "exec"
+    strict: bool = False  # the caller asked for the zygote: no falling back to exec
+    preload: tuple[str, ...] = ()
+    target: tuple[str, str, tuple[str, ...]] | None = None  # (script|module, target, args) of a Python child
+
+
+class ProcessHandle(Protocol):
+    """What a child process is to ``ChildProcess``: a ``subprocess.Popen`` or a ``ZygoteProcess``."""
+
+    pid: int
+    returncode: int | None
+    stdin: IO[bytes] | None
+    stdout: IO[bytes] | None
+    stderr: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
 
 
 def is_node_target(script: str | None, executable: str | None) -> bool:
@@ -53,8 +79,11 @@ def is_node_target(script: str | None, executable: str | None) -> bool:
 
 def build_spec(script: str | None, args: Sequence[str], *, module: str | None, cwd: str | None,
                env: dict[str, str] | None, executable: str | None, exec_args: Sequence[str],
-               stdio: str, serialization: str | None, detached: bool) -> LaunchSpec:
+               stdio: str, serialization: str | None, detached: bool, start: str = "exec",
+               preload: Sequence[str] | None = None) -> LaunchSpec:
     """Validate ``fork()``'s options and turn them into a ``LaunchSpec``."""
+    if start not in START_METHODS:
+        raise ValueError(f"start must be one of {START_METHODS}, not {start!r}")
     if (script is None) == (module is None):
         raise TypeError("fork() needs exactly one of script or module=")
     if stdio not in STDIO_MODES:
@@ -76,16 +105,57 @@ def build_spec(script: str | None, args: Sequence[str], *, module: str | None, c
             target = ["script", os.path.abspath(os.path.join(cwd or "", os.fspath(script)))]
         else:
             target = ["module", str(module)]
-        argv = [executable or sys.executable, *exec_args, "-c", _BOOTSTRAP, *target, *args]
+        argv = [executable or sys.executable, *exec_args, "-c", BOOTSTRAP, *target, *args]
+    method, why_not = "exec", _why_not_zygote(node, executable, exec_args)
+    if start != "exec":
+        if why_not is None:
+            method = "zygote"
+        elif start == "zygote":
+            raise ValueError(f"start='zygote' is not possible: {why_not}")
     if serialization not in ("pickle", "json"):
         raise ValueError(f"serialization must be 'pickle' or 'json', not {serialization!r}")
-    child_env = dict(os.environ if env is None else env)
+    child_env = _environ() if env is None else dict(env)
     child_env["NODE_CHANNEL_SERIALIZATION_MODE"] = serialization
     if not node and not detached and sys.platform.startswith("linux"):
         child_env["FORKIO_PARENT_PID"] = str(os.getpid())
     else:
         child_env.pop("FORKIO_PARENT_PID", None)
-    return LaunchSpec(argv, child_env, cwd, stdio, detached, serialization, node, str(script or module))
+    label = str(script or module)
+    if method == "exec":
+        return LaunchSpec(argv, child_env, cwd, stdio, detached, serialization, node, label)
+    from ._zygote import _normalise
+
+    return LaunchSpec(argv, child_env, cwd, stdio, detached, serialization, node, label, start="zygote",
+                      strict=start == "zygote", preload=_normalise(preload),
+                      target=(target[0], target[1], tuple(args)))
+
+
+_environ_cache: tuple[dict[bytes, bytes], dict[str, str]] | None = None
+
+
+def _environ() -> dict[str, str]:
+    """A copy of ``os.environ``: decoding it costs ~30 us, so keep the last one while it is unchanged."""
+    global _environ_cache
+    data = getattr(os.environ, "_data", None)
+    cache = _environ_cache
+    if cache is not None and data is not None and data == cache[0]:
+        return dict(cache[1])
+    snapshot = dict(os.environ)
+    if isinstance(data, dict):
+        _environ_cache = (dict(data), snapshot)
+    return dict(snapshot)
+
+
+def _why_not_zygote(node: bool, executable: str | None, exec_args: Sequence[str]) -> str | None:
+    if node:
+        return "Node children are always exec'd"
+    if not sys.platform.startswith("linux"):
+        return f"no zygote on {sys.platform} yet"
+    if executable is not None and os.path.realpath(executable) != os.path.realpath(sys.executable):
+        return "a zygote runs this interpreter, not executable="
+    if exec_args:
+        return "a zygote runs the interpreter without exec_args"
+    return None
 
 
 def _stdio_args(stdio: str) -> dict[str, Any]:
@@ -96,8 +166,20 @@ def _stdio_args(stdio: str) -> dict[str, Any]:
     return {}
 
 
-def start(spec: LaunchSpec) -> tuple[subprocess.Popen[bytes], socket.socket]:
-    """Start the child; return it and the parent's end of its channel."""
+def start(spec: LaunchSpec) -> tuple[ProcessHandle, socket.socket, str]:
+    """Start the child; return it, the parent's end of its channel and how it was started."""
+    if spec.start == "zygote":
+        from . import _zygote
+
+        launched = _zygote.start(spec)
+        if launched is not None:
+            return launched[0], launched[1], "zygote"
+    popen, sock = start_exec(spec)
+    return popen, sock, "exec"
+
+
+def start_exec(spec: LaunchSpec) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Start the child as a fresh interpreter (or Node); return it and the parent's end of its channel."""
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         env = dict(spec.env)
@@ -150,9 +232,9 @@ def _run_in_launcher(job: Callable[[], Any]) -> Any:
     return _launcher.submit(job).result()
 
 
-def submit_start(spec: LaunchSpec) -> Future[tuple[subprocess.Popen[bytes], socket.socket]]:
+def submit_start(spec: LaunchSpec) -> Future[tuple[ProcessHandle, socket.socket, str]]:
     """``start`` without waiting: for the asyncio face."""
-    future: Future[tuple[subprocess.Popen[bytes], socket.socket]] = Future()
+    future: Future[tuple[ProcessHandle, socket.socket, str]] = Future()
 
     def job() -> None:
         try:
