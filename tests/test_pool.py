@@ -306,3 +306,16 @@ def test_map_timeout_bounds_the_whole_iteration(pool: Pool) -> None:
     results = pool.map(tasks.sleep_then, [0.0, 30.0], timeout=0.5)
     with pytest.raises(TimeoutError):
         list(results)
+
+
+def test_submit_right_after_an_idle_worker_is_killed() -> None:
+    """Tasks sent to a worker whose death is not yet seen go back to the queue; none hangs."""
+    for _ in range(10):
+        with Pool(2) as pool:
+            pids: set[int] = set()
+            while len(pids) < 2:
+                pids |= {f.result(timeout=30) for f in [pool.submit(tasks.sleep_then, 0.02, None) and
+                                                        pool.submit(tasks.pid_of) for _ in range(4)]}
+            os.kill(next(iter(pids)), signal.SIGKILL)
+            futures = [pool.submit(tasks.pid_of) for _ in range(4)]
+            assert all(isinstance(f.result(timeout=30), int) for f in futures)

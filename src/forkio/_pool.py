@@ -289,6 +289,11 @@ class Pool(Executor):
                 proc.child.kill(signal.SIGKILL)
             raise
         finally:
+            self._closed = True
+            unsent = [command[1] for command in self._inbox if command[0] == "submit"]
+            for task in [*self._tasks.values(), *unsent]:
+                self._resolve(task, False, PoolClosed("the pool stopped before this task finished"),
+                              cause=self._broken)
             for proc in list(self._procs.values()):
                 self._reap(proc)
             self._selector.close()
@@ -315,9 +320,6 @@ class Pool(Executor):
             self._escalate(now)
             if self._closed and not self._procs and self._starting == 0 and not self._sched.busy:
                 break
-        # Anything left (only after terminate or a broken pool) fails rather than hangs.
-        for task in list(self._tasks.values()):
-            self._resolve(task, False, PoolClosed("the pool was shut down before this task ran"))
 
     def _select_timeout(self) -> float | None:
         deadlines = [d for d in (self._sched.next_deadline(),
@@ -465,11 +467,17 @@ class Pool(Executor):
 
     def _flush(self, proc: _Proc) -> None:
         channel = proc.child.channel
+        view = memoryview(proc.outbox)
         try:
-            sent = channel.try_send(memoryview(proc.outbox))
+            sent = channel.try_send(view)
         except ChannelClosed:
-            proc.outbox.clear()  # it died: its pidfd reports that
+            # It is dying: its pidfd reports that, and its tasks go back to the queue then.
+            # A fresh buffer, because the failed call's traceback may still hold a view of the old one.
+            proc.outbox = bytearray()
+            proc.state.ready = False
             return
+        finally:
+            view.release()
         del proc.outbox[:sent]
         mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if proc.outbox else 0)
         try:
@@ -484,6 +492,7 @@ class Pool(Executor):
         self._take_messages(proc)
         if not channel.connected:
             self._unwatch(channel.fileno(), proc)
+            proc.state.ready = False  # no more tasks for it: its exit (pidfd) comes next
 
     def _take_messages(self, proc: _Proc) -> None:
         channel = proc.child.channel
