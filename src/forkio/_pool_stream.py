@@ -49,18 +49,60 @@ class TaskResult:
         return self.value
 
 
-def run_chunk(fn: Callable[..., Any], items: list[Any], star: bool) -> tuple[list[tuple[bool, Any]], float]:
-    """In a worker: run ``fn`` on each item, catching each item's exception on its own."""
+def run_chunk(fn: Callable[..., Any], items: list[Any], star: bool) -> tuple[list[Any], dict[int, bytes], float]:
+    """In a worker: run ``fn`` on each item; each item's exception is caught on its own.
+
+    Returns the values (None where an item failed), the failures by position, and the time taken.
+    """
     from ._pool_worker import encode_error
 
     started = time.perf_counter()
-    out: list[tuple[bool, Any]] = []
-    for item in items:
+    errors: dict[int, bytes] = {}
+    if star:
+        values = []
+        for pos, item in enumerate(items):
+            try:
+                values.append(fn(*item))
+            except Exception as exc:
+                values.append(None)
+                errors[pos] = encode_error(exc)
+    else:
         try:
-            out.append((True, fn(*item) if star else fn(item)))
-        except Exception as exc:
-            out.append((False, encode_error(exc)))
-    return out, time.perf_counter() - started
+            values = [fn(item) for item in items]  # the fast path: nothing fails
+        except Exception:
+            values = []
+            for pos, item in enumerate(items):
+                try:
+                    values.append(fn(item))
+                except Exception as exc:
+                    values.append(None)
+                    errors[pos] = encode_error(exc)
+    return values, errors, time.perf_counter() - started
+
+
+class _Chunk:
+    """Consecutive inputs run as one task; complete once every item has a value or an error."""
+
+    __slots__ = ("errors", "items", "missing", "seq", "start", "values")
+
+    def __init__(self, seq: int, start: int, items: list[Any]) -> None:
+        self.seq = seq
+        self.start = start  # input index of items[0]
+        self.items = items
+        self.values: list[Any] = []
+        self.errors: dict[int, BaseException] = {}
+        self.missing = len(items)
+
+    def results(self) -> Iterator[TaskResult]:
+        errors = self.errors
+        for pos, (item, value) in enumerate(zip(self.items, self.values, strict=True)):
+            yield TaskResult(self.start + pos, item, value, errors.get(pos))
+
+    def raise_or_values(self) -> list[Any]:
+        """The values, raising the first item's error instead if there is one."""
+        if self.errors:
+            raise self.errors[min(self.errors)]
+        return self.values
 
 
 class _Stream:
@@ -78,14 +120,17 @@ class _Stream:
         if options.timeout is not None:
             self.fixed_chunk = 1  # a per-item timeout needs one item per task
         self.total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
-        self.items = enumerate(iterable)
+        self.items = iter(iterable)
+        self.taken = 0  # inputs read so far
         self.exhausted = False
-        self.in_flight: dict[Future[Any], list[tuple[int, Any]]] = {}
-        self.retry: list[tuple[int, Any]] = []  # items of failed chunks, to run one by one
+        # Each future is a whole chunk (position None) or one item of a chunk being retried alone.
+        self.in_flight: dict[Future[Any], tuple[_Chunk, int | None]] = {}
         self.per_item: float | None = None
         self.window = options.pool.workers * CHUNKS_IN_FLIGHT_PER_WORKER
-        self.ready: dict[int, TaskResult] = {}
-        self.next_index = 0
+        self.chunks = 0
+        self.ready: dict[int, _Chunk] = {}
+        self.next_seq = 0
+        self.on_done: Callable[[Future[Any]], None] = lambda future: None
 
     def _chunk_size(self) -> int:
         if self.fixed_chunk is not None:
@@ -99,50 +144,67 @@ class _Stream:
 
     def fill(self, on_done: Callable[[Future[Any]], None]) -> None:
         """Submit chunks until the window is full or the input runs out."""
-        while len(self.in_flight) < self.window:
-            if self.retry:
-                chunk = [self.retry.pop(0)]
-            elif not self.exhausted:
-                chunk = list(itertools.islice(self.items, self._chunk_size()))
-                if not chunk:
-                    self.exhausted = True
-                    continue
-            else:
+        self.on_done = on_done
+        while len(self.in_flight) < self.window and not self.exhausted:
+            items = list(itertools.islice(self.items, self._chunk_size()))
+            if not items:
+                self.exhausted = True
                 return
-            future = self.options._submit_raw(run_chunk, (self.fn, [item for _, item in chunk], self.star))
-            self.in_flight[future] = chunk
-            future.add_done_callback(on_done)
+            chunk = _Chunk(self.chunks, self.taken, items)
+            self.chunks += 1
+            self.taken += len(items)
+            self._submit(chunk, None, items)
+
+    def _submit(self, chunk: _Chunk, pos: int | None, items: list[Any]) -> None:
+        future = self.options._submit_raw(run_chunk, (self.fn, items, self.star))
+        self.in_flight[future] = (chunk, pos)
+        future.add_done_callback(self.on_done)
 
     @property
     def finished(self) -> bool:
-        return self.exhausted and not self.in_flight and not self.retry
+        return self.exhausted and not self.in_flight
 
-    def complete(self, future: Future[Any]) -> list[TaskResult]:
-        """A chunk finished: its results, in the order they may be handed out."""
-        chunk = self.in_flight.pop(future)
+    def complete(self, future: Future[Any]) -> list[_Chunk]:
+        """A task finished: the chunks now complete, in the order they may be handed out."""
+        chunk, pos = self.in_flight.pop(future)
         error = future.exception()
-        results: list[TaskResult] = []
         if error is None:
-            outcomes, seconds = future.result()
-            per_item = seconds / len(chunk)
+            values, errors, seconds = future.result()
+            per_item = seconds / len(values)
             self.per_item = per_item if self.per_item is None else 0.7 * self.per_item + 0.3 * per_item
             from ._pool import _decode_error
 
-            for (index, item), (ok, value) in zip(chunk, outcomes, strict=True):
-                results.append(TaskResult(index, item, value) if ok else TaskResult(index, item, None,
-                                                                                    _decode_error(value)))
-        elif len(chunk) > 1 and isinstance(error, WorkerCrashed | TaskTimeout):
-            self.retry.extend(chunk)  # find the one item at fault
+            decoded = {p: _decode_error(e) for p, e in errors.items()}
+            if pos is None:
+                chunk.values, chunk.missing = values, 0
+                chunk.errors.update(decoded)
+            else:
+                chunk.values[pos] = values[0]
+                if 0 in decoded:
+                    chunk.errors[pos] = decoded[0]
+                chunk.missing -= 1
+        elif pos is None and len(chunk.items) > 1 and isinstance(error, WorkerCrashed | TaskTimeout):
+            chunk.values = [None] * len(chunk.items)  # find the one item at fault: each alone
+            for p, item in enumerate(chunk.items):
+                self._submit(chunk, p, [item])
+            return []
         else:
-            results = [TaskResult(index, item, None, error) for index, item in chunk]
+            if pos is None:
+                chunk.values = [None] * len(chunk.items)
+                chunk.errors.update(dict.fromkeys(range(len(chunk.items)), error))
+                chunk.missing = 0
+            else:
+                chunk.errors[pos] = error
+                chunk.missing -= 1
+        if chunk.missing:
+            return []
         if not self.ordered:
-            return results
-        for result in results:
-            self.ready[result.index] = result
+            return [chunk]
+        self.ready[chunk.seq] = chunk
         released = []
-        while self.next_index in self.ready:
-            released.append(self.ready.pop(self.next_index))
-            self.next_index += 1
+        while self.next_seq in self.ready:
+            released.append(self.ready.pop(self.next_seq))
+            self.next_seq += 1
         return released
 
     def cancel(self) -> None:
@@ -184,9 +246,23 @@ class TaskOptions:
         ``deadline`` (a ``time.monotonic()`` value) bounds the whole iteration: past it,
         ``WaitTimeout`` is raised and the tasks still in flight are cancelled.
         """
+        bar = ProgressBar(len(iterable)) if progress and hasattr(iterable, "__len__") else (  # type: ignore[arg-type]
+            ProgressBar(None) if progress else None)
+        try:
+            for chunk in self._chunks(fn, iterable, ordered=ordered, chunksize=chunksize, star=star,
+                                      deadline=deadline):
+                for result in chunk.results():
+                    if bar is not None:
+                        bar.update(1, failed=not result.ok)
+                    yield result
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _chunks(self, fn: Callable[..., Any], iterable: Iterable[Any], *, ordered: bool, chunksize: int | None,
+                star: bool, deadline: float | None) -> Iterator[_Chunk]:
         state = _Stream(self, fn, iterable, star=star, ordered=ordered, chunksize=chunksize)
         done: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
-        bar = ProgressBar(state.total) if progress else None
         try:
             while True:
                 state.fill(done.put)
@@ -196,23 +272,20 @@ class TaskOptions:
                     finished = done.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     raise WaitTimeout("results not ready before the deadline") from None
-                for result in state.complete(finished):
-                    if bar is not None:
-                        bar.update(1, failed=not result.ok)
-                    yield result
+                yield from state.complete(finished)
         finally:
             state.cancel()
-            if bar is not None:
-                bar.close()
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int | None = None, progress: bool = False) -> Iterator[Any]:
         """Results in input order; raises the first failed item's error when it is reached."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        inputs = zip(*iterables, strict=False) if len(iterables) > 1 else iterables[0]
-        results = self.stream(fn, inputs, ordered=True, chunksize=chunksize, progress=progress,
-                              star=len(iterables) > 1, deadline=deadline)
-        return (r.result() for r in results)
+        star = len(iterables) > 1
+        inputs = zip(*iterables, strict=False) if star else iterables[0]
+        if progress:
+            return (r.result() for r in self.stream(fn, inputs, ordered=True, chunksize=chunksize, progress=True,
+                                                    star=star, deadline=deadline))
+        return _values(self._chunks(fn, inputs, ordered=True, chunksize=chunksize, star=star, deadline=deadline))
 
     def imap_unordered(self, fn: Callable[..., Any], iterable: Iterable[Any], *,
                        chunksize: int | None = None, progress: bool = False) -> Iterator[Any]:
@@ -234,8 +307,17 @@ class TaskOptions:
                 state.fill(on_done)
                 if state.finished:
                     return
-                for result in state.complete(await done.get()):
-                    yield result
+                for chunk in state.complete(await done.get()):
+                    for result in chunk.results():
+                        yield result
         finally:
             state.cancel()
 
+
+def _values(chunks: Iterator[_Chunk]) -> Iterator[Any]:
+    """Whole chunks' values in order (no per-item objects); closing it cancels what is in flight."""
+    try:
+        for chunk in chunks:
+            yield from chunk.raise_or_values()
+    finally:
+        chunks.close()  # type: ignore[attr-defined]
