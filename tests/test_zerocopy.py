@@ -209,6 +209,25 @@ def test_posix_shm_fallback_leaves_nothing_in_dev_shm(pair: tuple[Channel, Chann
     del got
 
 
+def test_segments_used_once_where_they_cannot_be_shared_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without /proc to reopen a segment from (macOS), each message gets its own, freed after use."""
+    monkeypatch.setattr(_shm, "REUSABLE", False)
+    gc.collect()
+    fds_before, segments_before = _fds(), _shm.mapped_segments()
+    a, b = socket.socketpair()
+    left, right = Channel(a), Channel(b)
+    try:
+        for value in (1.0, 2.0):
+            got = _transfer(left, right, np.full(MB // 8, value))
+            assert got[0] == value and left._outbox is not None and left._outbox._segments == []
+            del got
+    finally:
+        left.close()
+        right.close()
+    gc.collect()
+    assert _fds() == fds_before and _shm.mapped_segments() == segments_before
+
+
 def test_async_send_carries_the_segment(pair: tuple[Channel, Channel]) -> None:
     """The asyncio face (encode + try_send) sends the segment fd with the frame."""
     left, right = pair

@@ -123,6 +123,19 @@ def test_wait_timeout_and_sentinel(children: Path) -> None:
         child.close()
 
 
+def test_sentinel_without_pidfd(children: Path) -> None:
+    """Where there is no pidfd, the sentinel is a pipe that a waiting thread closes at exit."""
+    child = forkio.fork(children / "sleeper.py")
+    child.recv(timeout=30)
+    child._release_sentinel()
+    child._sentinel = None  # as if pidfd_open had failed
+    sentinel = child.sentinel
+    assert select.select([sentinel], [], [], 0)[0] == []
+    child.kill(signal.SIGKILL)
+    assert select.select([sentinel], [], [], 10)[0] == [sentinel]
+    child.close()
+
+
 def test_stdio_pipe_and_ignore(children: Path) -> None:
     with forkio.fork(children / "report.py", ["print", "x"], stdio="pipe") as child:
         assert child.recv(timeout=10) == "printed"

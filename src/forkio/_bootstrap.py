@@ -17,6 +17,9 @@ import signal
 import sys
 from typing import Any
 
+# runpy's own step from code to a run __main__ (a zygote only prepares code when it exists).
+_run_module_code: Any = getattr(runpy, "_run_module_code", None)
+
 
 def arm_parent_death_signal(parent_pid: int, signum: int = signal.SIGTERM) -> None:
     """Linux: get ``signum`` when the parent dies; exit now if it already has."""
@@ -59,10 +62,10 @@ def run(kind: str, target: str, args: list[str], prepared: Any = None) -> None:
         if prepared is None:
             runpy.run_path(target, run_name="__main__")
         else:  # what run_path does for a plain file, from its compiled code
-            runpy._run_module_code(prepared[0], None, "__main__", pkg_name="", script_name=target)  # type: ignore[attr-defined]
+            _run_module_code(prepared[0], None, "__main__", pkg_name="", script_name=target)
     else:
         sys.path[0] = os.getcwd()
         if prepared is None:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:  # what run_module(alter_sys=True) does once it has the module's code and spec
-            runpy._run_module_code(prepared[0], None, "__main__", prepared[1])  # type: ignore[attr-defined]
+            _run_module_code(prepared[0], None, "__main__", prepared[1])

@@ -242,5 +242,10 @@ def submit_start(spec: LaunchSpec) -> Future[tuple[ProcessHandle, socket.socket,
         except BaseException as exc:
             future.set_exception(exc)
 
-    _launcher.submit(job)
+    if spec.start == "zygote":
+        # Not on the launcher: asking a zygote may mean waiting for one to start, which the
+        # launcher itself does (another thread could be waiting for it to, holding the registry).
+        threading.Thread(target=job, name="forkio-zygote-request", daemon=True).start()
+    else:
+        _launcher.submit(job)
     return future

@@ -365,7 +365,9 @@ def _precompile(kind: str, target: str) -> tuple[Any, Any] | None:
     """
     import runpy
 
-    if not hasattr(runpy, "_run_module_code"):
+    from ._bootstrap import _run_module_code
+
+    if _run_module_code is None or not hasattr(runpy, "_get_code_from_file"):
         return None
     try:
         if kind == "script":
@@ -378,7 +380,7 @@ def _precompile(kind: str, target: str) -> tuple[Any, Any] | None:
                 return cached[3], None  # the same file as last time (stricter than .pyc's check)
             if pkgutil.get_importer(target) is not None:
                 return None
-            code, _ = runpy._get_code_from_file("__main__", target)  # type: ignore[attr-defined]
+            code, _ = runpy._get_code_from_file("__main__", target)
             if len(_compiled) > 64:
                 _compiled.clear()
             _compiled[target] = (st.st_ino, st.st_mtime_ns, st.st_size, code)
