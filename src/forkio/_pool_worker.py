@@ -160,8 +160,8 @@ class _Worker:
             _current_task = task_id
             started = perf()
             try:
-                fn, args, kwargs = loads(payload)
-                result = dumps(fn(*args, **kwargs))
+                call = loads(payload)  # (fn, args) or (fn, args, kwargs)
+                result = dumps(call[0](*call[1], **call[2]) if len(call) == 3 else call[0](*call[1]))
                 status = OK
             except BaseException as exc:
                 result, status = encode_error(exc), RAISED
