@@ -8,6 +8,7 @@ pickle their task, queue it and poke the wake-up pipe.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import pickle
@@ -166,9 +167,8 @@ class Pool(Executor):
         self._wake_pending = False
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._next_task_id = 0
+        self._task_ids = itertools.count(1)  # next() on a count is atomic under the GIL: no lock
         self._next_worker_id = 0
-        self._id_lock = threading.Lock()
         self._closed = False
         self._broken: BaseException | None = None
         self._starting = 0
@@ -189,10 +189,7 @@ class Pool(Executor):
                 timeout: float | None, retries: int, on_message: Callable[[Any], None] | None) -> TaskFuture:
         if self._closed:
             raise PoolClosed("cannot submit to a pool that is shut down") from self._broken
-        with self._id_lock:
-            self._next_task_id += 1
-            task_id = self._next_task_id
-        task = Task(task_id, b"", timeout, retries, on_message)
+        task = Task(next(self._task_ids), b"", timeout, retries, on_message)
         future = TaskFuture(self, task)
         task.future = future
         try:
