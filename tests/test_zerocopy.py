@@ -327,3 +327,26 @@ def test_receiver_killed_mid_transfer_leaks_nothing_here(children: Path) -> None
     gc.collect()
     assert _fds() == fds_before
     assert _shm.mapped_segments() == segments_before
+
+
+def test_sender_killed_mid_stream_leaks_nothing_here(children: Path) -> None:
+    """The child is SIGKILLed while it sends large arrays: whatever arrived or was cut, nothing stays."""
+    gc.collect()
+    fds_before, segments_before = _fds(), _shm.mapped_segments()
+    child = forkio.fork(children / "bigdata.py", ["flood"])
+    for _ in range(3):
+        assert child.recv(timeout=30)[0] == 3.0
+    child.kill(signal.SIGKILL)
+    assert child.wait(timeout=10) == -signal.SIGKILL
+    received = []
+    try:
+        while True:
+            received.append(child.recv(timeout=10))
+    except forkio.ChannelClosed:
+        pass
+    assert all(a[0] == 3.0 for a in received)
+    del received
+    child.close()
+    gc.collect()
+    assert _fds() == fds_before
+    assert _shm.mapped_segments() == segments_before

@@ -276,6 +276,23 @@ def test_startup_environment_gets_a_matching_zygote(children: Path, tmp_path: Pa
     assert str(tmp_path) not in _report(children)["path"]
 
 
+def test_umask_and_rlimits_are_the_parents_current_ones(children: Path) -> None:
+    """Process attributes a child inherits at fork: a change here gets a zygote that has it."""
+    import resource
+
+    old_umask = os.umask(0o027)
+    old_core = resource.getrlimit(resource.RLIMIT_CORE)
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, old_core[1]))
+        report = _report(children)
+        assert report["umask"] == 0o027 and tuple(report["core_limit"]) == (0, old_core[1])
+    finally:
+        os.umask(old_umask)
+        resource.setrlimit(resource.RLIMIT_CORE, old_core)
+    report = _report(children)
+    assert report["umask"] == old_umask and tuple(report["core_limit"]) == old_core
+
+
 PARENT = textwrap.dedent("""
     import os, sys, threading, time
     import forkio

@@ -51,7 +51,7 @@ class Channel:
     """A message channel over a connected AF_UNIX stream socket."""
 
     def __init__(self, sock: socket.socket, *, serialization: str = "pickle",
-                 max_frame_size: int = DEFAULT_MAX_FRAME) -> None:
+                 max_frame_size: int = DEFAULT_MAX_FRAME, recv_buffer: bytearray | None = None) -> None:
         sock.setblocking(True)
         self.sock = sock
         self.fd = sock.fileno()  # kept after close, to unregister from event loops
@@ -65,7 +65,7 @@ class Channel:
         self._owned: set[int] = set()  # segment fds encoded but not yet handed to the kernel
         self._reusable = _shm.REUSABLE
         self._decoder = self._pickle.decoder(self._map_segment) if self._pickle is not None else self.codec.decoder()
-        self._recv_buffer = bytearray(RECV_SIZE)
+        self._recv_buffer = recv_buffer if recv_buffer is not None else bytearray(RECV_SIZE)
         self._recv_view = memoryview(self._recv_buffer)
         self._inbox: deque[Incoming] = deque()
         self._send_lock = threading.Lock()

@@ -14,7 +14,7 @@ request per child: the target, argv, environment, cwd, signal dispositions, and 
 
 A zygote is keyed by everything that an exec'd child would take from its start rather than from
 the request: the preload list, the startup environment (``PYTHON*``, locale, ``HOME``) and the
-process attributes inherited at fork (uid/gids, umask, rlimits, CPU affinity, nice). When one of
+process attributes inherited at fork (uid/gids, umask, resource limits). When one of
 those changes, the next fork gets a zygote that matches. A dead zygote is replaced on the next
 fork; a zygote that cannot clone safely says why once, and ``start="auto"`` execs from then on.
 """
@@ -251,11 +251,14 @@ def _is_startup_var(name: str) -> bool:
 
 
 def _inherited_state() -> tuple[Any, ...]:
-    """What a child inherits from this process at fork time and a zygote froze at its own start."""
+    """What a child inherits from this process at fork time and a zygote froze at its own start.
+
+    (CPU affinity, nice value and the signal mask are per thread on Linux: both kinds of child
+    take them from the launcher thread, which started the zygote too.)
+    """
     import resource
 
-    state: list[Any] = [os.getresuid(), os.getresgid(), tuple(os.getgroups()),
-                        os.getpriority(os.PRIO_PROCESS, 0), frozenset(os.sched_getaffinity(0))]
+    state: list[Any] = [os.getresuid(), os.getresgid(), tuple(os.getgroups())]
     state.extend(resource.getrlimit(r) for r in _RLIMITS)
     try:
         with open("/proc/self/status", "rb") as status:

@@ -30,17 +30,15 @@ import importlib
 import importlib.util
 import io
 import os
-import platform
 import signal
 import socket
 import sys
 import time
-import traceback
 import warnings
 from typing import Any
 
 from ._bootstrap import arm_parent_death_signal
-from ._channel import Channel
+from ._channel import RECV_SIZE, Channel
 from ._errors import ChannelClosed
 from ._handles import close_fds
 
@@ -62,9 +60,10 @@ class Cloner:
     def __init__(self) -> None:
         self.problem: str | None = None
         self._tid_address = 0
-        nr = _SYS_CLONE.get(platform.machine().lower())
+        machine = os.uname().machine
+        nr = _SYS_CLONE.get(machine.lower())
         if not sys.platform.startswith("linux") or nr is None:
-            self.problem = f"no CLONE_PARENT clone on {sys.platform} {platform.machine()}"
+            self.problem = f"no CLONE_PARENT clone on {sys.platform} {machine}"
             return
         self._nr = nr
         import ctypes
@@ -146,6 +145,8 @@ def serve(argv: list[str]) -> tuple[str, str, list[str], Any]:
         try:
             importlib.import_module(name)
         except BaseException as exc:
+            import traceback
+
             control.send({"ok": False, "module": name, "error": f"{type(exc).__name__}: {exc}",
                           "traceback": traceback.format_exc()})
             os._exit(1)
@@ -221,6 +222,7 @@ class _State:
         self.channel: Channel | None = None
         self.stdio_key: tuple[Any, ...] | None = None
         self.prepared: tuple[Any, Any] | None = None
+        self.recv_buffer = bytearray(RECV_SIZE)
         self._prctl = _prctl()
         self._getppid = os.getppid
         for fd in (0, 1, 2):  # the zygote's own stdio: nothing (the control channel reports errors)
@@ -250,9 +252,13 @@ class _State:
         self._set_stdio(stdio)
         from . import _parent
 
+        os.set_inheritable(self.keep[0], False)  # as forkio.parent leaves it in an exec'd child
         sock = socket.socket(fileno=self.keep[0])
         try:
-            self.channel = Channel(sock, serialization=request["env"]["NODE_CHANNEL_SERIALIZATION_MODE"])
+            # Every child's channel gets the same receive buffer, allocated once here: a fresh one
+            # would be zeroed (its pages faulted in) for each child, on the way to the clone.
+            self.channel = Channel(sock, serialization=request["env"]["NODE_CHANNEL_SERIALIZATION_MODE"],
+                                   recv_buffer=self.recv_buffer)
         except ValueError:
             sock.detach()
             raise
@@ -301,8 +307,6 @@ class _State:
             os.dup2(fd, target, inheritable=True)  # pass_fds keeps an fd's number: so do we
             if fd != target:
                 os.close(fd)
-        if self.channel is not None:
-            os.set_inheritable(self.channel.fd, False)
         nprandom = sys.modules.get("numpy.random")  # random reseeds itself at fork; numpy does not
         if nprandom is not None:
             try:

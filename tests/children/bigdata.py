@@ -1,5 +1,6 @@
 """Large payloads: 'sum' answers each array's sum (and this process's fds/segments on request);
-'send N MB' sends an array of N MB and exits at once; 'echo' sends back what it gets."""
+'send N MB' sends an array of N MB and exits at once; 'flood' sends arrays until killed;
+'echo' sends back what it gets."""
 import os
 import sys
 
@@ -21,6 +22,9 @@ elif mode == "send":
     size = int(sys.argv[2]) * 1024 * 1024
     parent.send(np.full(size // 8, 2.0))
     os._exit(0)  # at once: the segment must outlive its sender
+elif mode == "flood":
+    while True:
+        parent.send(np.full(2 * 1024 * 1024 // 8, 3.0))
 elif mode == "echo":
     for message in parent:
         parent.send(message)

@@ -29,6 +29,7 @@ if mode == "report":
         "argv": sys.argv, "orig_argv": sys.orig_argv[3:], "path": sys.path, "cwd": os.getcwd(),
         "name": __name__, "file": __file__, "ppid": os.getppid(), "pid": os.getpid(),
         "env": dict(os.environ), "umask": os.umask(0o022),
+        "core_limit": __import__("resource").getrlimit(__import__("resource").RLIMIT_CORE),
         "signals": {int(s): disposition(s) for s in signal.valid_signals()
                     if s not in (signal.SIGKILL, signal.SIGSTOP)},
         "stdin": stream(sys.stdin), "stdout": stream(sys.stdout), "stderr": stream(sys.stderr),
