@@ -203,6 +203,15 @@ def test_a_preload_that_fails_is_a_clear_error_once(children: Path) -> None:
         forkio.fork(children / "echo.py", preload=("not a module",))
 
 
+def test_a_preload_that_starts_threads_means_exec(children: Path) -> None:
+    """Threads in the zygote make a clone unsafe: auto execs, start="zygote" says why."""
+    env = {**os.environ, "PYTHONPATH": str(children)}
+    with forkio.fork(children / "echo.py", env=env, preload=("threaded_module",)) as child:
+        assert child.start_method == "exec" and child.recv(timeout=30) == "ready"
+    with pytest.raises(ZygoteError, match="threads"):
+        forkio.fork(children / "echo.py", env=env, preload=("threaded_module",), start="zygote")
+
+
 def test_a_dead_zygote_is_replaced_and_its_children_live_on(children: Path) -> None:
     first = forkio.fork(children / "echo.py")
     assert first.recv(timeout=10) == "ready"
@@ -291,6 +300,27 @@ def test_umask_and_rlimits_are_the_parents_current_ones(children: Path) -> None:
         resource.setrlimit(resource.RLIMIT_CORE, old_core)
     report = _report(children)
     assert report["umask"] == old_umask and tuple(report["core_limit"]) == old_core
+
+
+CLOSED_STDIN = textwrap.dedent("""
+    import os, sys, forkio
+    os.close(0)
+    reports = []
+    for start in ("exec", "zygote"):
+        with forkio.fork(sys.argv[1], ["report"], start=start) as child:
+            reports.append(child.recv(timeout=30))
+            child.send("bye")
+    print(repr([(r["stdin"], r["fds"]) for r in reports]))
+""")
+
+
+def test_a_parent_without_stdin(children: Path) -> None:
+    """fd 0 closed here: closed in the child too (not taken by the channel's socket meanwhile)."""
+    done = subprocess.run([sys.executable, "-c", CLOSED_STDIN, str(children / "report.py")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    execd, cloned = eval(done.stdout)
+    assert execd == cloned and execd[0] is None
 
 
 PARENT = textwrap.dedent("""

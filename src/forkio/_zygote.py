@@ -36,11 +36,12 @@ from collections.abc import Iterable
 from typing import IO, Any
 
 from ._channel import Channel
-from ._errors import ChannelClosed, ForkioError
+from ._errors import ChannelClosed, ForkioError, WaitTimeout
 from ._handles import close_fds
 
 MAX_ZYGOTES = 4
 START_TIMEOUT = 300.0  # a zygote importing heavy modules on a slow disk may take a while
+REPLY_TIMEOUT = 60.0
 _STARTUP_VARS = ("LANG", "LC_ALL", "LC_CTYPE", "HOME")
 
 _default_preload: tuple[str, ...] = ()
@@ -219,7 +220,12 @@ class _Zygote:
         """Ask for one child; its pid. ``ChannelClosed`` if the zygote is gone, OSError if refused."""
         with self._lock:
             self.channel.send_fds(request, fds)
-            reply = self.channel.recv()
+            try:
+                reply = self.channel.recv(timeout=REPLY_TIMEOUT)
+            except WaitTimeout:  # a zygote that hangs is no zygote: the next fork starts another
+                self.popen.kill()
+                self.channel.close()
+                raise ZygoteError(f"the zygote did not answer within {REPLY_TIMEOUT} s") from None
         if "refused" in reply:
             raise _Refused(reply["refused"])
         if "error" in reply:
@@ -409,11 +415,11 @@ def _start_from(zygote: _Zygote, spec: Any) -> tuple[ZygoteProcess, socket.socke
 
 
 def _valid(fd: int) -> bool:
+    """Would an exec'd child have this fd? Open and inheritable (close-on-exec ones vanish)."""
     try:
-        os.fstat(fd)
+        return os.get_inheritable(fd)
     except OSError:
         return False
-    return True
 
 
 def _close_all() -> None:

@@ -229,14 +229,16 @@ class _State:
             os.dup2(self.devnull, fd)
 
     def prepare(self, request: dict[str, Any], fds: list[int]) -> None:
+        """Settle the fds first (taking ownership of ``fds``), then everything that may fail."""
         stdio = request["stdio"]
-        for fd, index in enumerate(stdio):
-            if index is None:
-                os.close(fd)
-            else:
-                os.dup2(fds[index], fd, inheritable=True)
         self.keep = [fds[request["channel"]], *(fds[index] for index, _ in request["extra"])]
-        close_fds([fd for i, fd in enumerate(fds) if fd not in self.keep])
+        try:
+            for fd, index in enumerate(stdio):
+                # A slot the parent has closed is closed in the child, not here: until the clone
+                # it holds /dev/null, so that nothing opened meanwhile lands on it.
+                os.dup2(self.devnull if index is None else fds[index], fd, inheritable=True)
+        finally:
+            close_fds([fd for fd in fds if fd not in self.keep])
         wanted = request["channel_fd"]  # the number an exec'd child would have it under (pass_fds)
         if self.keep[0] != wanted and wanted >= 3 and wanted not in self.keep and wanted < _HIGH:
             os.dup2(self.keep[0], wanted, inheritable=False)
@@ -299,6 +301,9 @@ class _State:
         control._closed = True
         os.close(control.sock.detach())  # only the descriptor: the zygote keeps using the socket
         os.close(self.devnull)
+        for fd, index in enumerate(request["stdio"]):
+            if index is None:
+                os.close(fd)  # as in the parent: nothing there
         if request["detached"]:
             os.setsid()
         if signal.SIGINT not in self.ignored:
@@ -343,7 +348,7 @@ class _State:
 
     def _set_stdio(self, stdio: list[int | None]) -> None:
         """Fresh sys.std* objects over fds 0-2, made as Python's startup makes them for those fds."""
-        key = tuple(_describe(fd) for fd in (0, 1, 2))
+        key = tuple(None if stdio[fd] is None else _describe(fd) for fd in (0, 1, 2))
         if key == self.stdio_key:
             return  # same kinds of files as last time: the objects made then fit as they are
         for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
