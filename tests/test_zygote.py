@@ -121,14 +121,19 @@ def test_wait_timeout_and_sentinel(children: Path) -> None:
         assert select.select([child.sentinel], [], [], 10)[0] == [child.sentinel]
         assert child.wait(timeout=10) == -signal.SIGTERM
         child.close()
+        with pytest.raises(ValueError, match="closed"):
+            child.sentinel  # noqa: B018  (closed with the child, not left as a stale number)
 
 
-def test_sentinel_without_pidfd(children: Path) -> None:
+def test_sentinel_without_pidfd(children: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where there is no pidfd, the sentinel is a pipe that a waiting thread closes at exit."""
+
+    def no_pidfd(pid: int) -> int:
+        raise OSError("no pidfd here")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
     child = forkio.fork(children / "sleeper.py")
     child.recv(timeout=30)
-    child._release_sentinel()
-    child._sentinel = None  # as if pidfd_open had failed
     sentinel = child.sentinel
     assert select.select([sentinel], [], [], 0)[0] == []
     child.kill(signal.SIGKILL)

@@ -37,7 +37,7 @@ class AsyncChildProcess(_Process, AsyncEndpoint):
                 raise WaitTimeout(f"child {self.pid} still running after {timeout} s") from None
         code = self._popen.poll()
         if code is None:
-            code = await _exited(self._popen, self._sentinel)
+            code = await _exited(self._popen, self._sentinel if self._release_sentinel.alive else None)
         self._cancel_timeout()
         return code
 

@@ -49,6 +49,8 @@ class _Process:
         Valid until ``close()``. Without pidfds (old kernels, macOS) it is a pipe closed by a
         thread that waits for the exit.
         """
+        if not self._release_sentinel.alive:
+            raise ValueError(f"child {self.pid} is closed: its sentinel is gone")
         if self._sentinel is None:
             self._sentinel = _exit_pipe(self._popen)
             self._release_sentinel.detach()
