@@ -228,6 +228,18 @@ def test_segments_used_once_where_they_cannot_be_shared_twice(monkeypatch: pytes
     assert _fds() == fds_before and _shm.mapped_segments() == segments_before
 
 
+def test_encode_then_send_bytes_hands_over_the_segment(pair: tuple[Channel, Channel]) -> None:
+    """Code that frames messages itself (a pool's manager) passes encode()'s fds to send_bytes."""
+    left, right = pair
+    data, fds = left.encode({"a": np.full(MB // 8, 5.0)})
+    assert len(fds) == 1
+    left.send_bytes(data, fds)
+    assert left._owned == set()
+    got = right.recv(timeout=10)
+    assert got["a"][0] == 5.0
+    del got
+
+
 def test_async_send_carries_the_segment(pair: tuple[Channel, Channel]) -> None:
     """The asyncio face (encode + try_send) sends the segment fd with the frame."""
     left, right = pair

@@ -169,26 +169,18 @@ class Channel:
     def send(self, message: Message, handle: Handle | None = None) -> None:
         """Send one message, blocking while the peer is behind (backpressure)."""
         data, fds = self.encode(message, handle)
-        if not fds:
-            self.send_bytes(data)
-            return
-        try:
-            self.send_bytes(data, fds)
-        finally:
-            if self._owned:
-                self._disown(fds)
+        self.send_bytes(data, fds)
 
     def send_fds(self, message: Message, fds: list[int]) -> None:
         """Send one message with several fds; the receiver gets them from ``recv_fds``."""
         data, all_fds = self.encode_fds(message, fds)
-        try:
-            self.send_bytes(data, all_fds)
-        finally:
-            if self._owned:
-                self._disown(all_fds)
+        self.send_bytes(data, all_fds)
 
     def send_bytes(self, data: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
         """Write encoded frames whole; blocks while the socket is full (backpressure).
+
+        ``fds`` are the ones ``encode`` returned: a shared segment's among them is closed here
+        once it is in flight (or failed to be), as ``try_send`` does.
 
         If a signal handler raises during the write (Ctrl-C in a big send), nobody can tell how
         much of the frame went out: Python drops the byte count when the handler's exception
@@ -197,14 +189,16 @@ class Channel:
         the channel, later sends raise ``ChannelClosed``, and the exception goes on.
         """
         with self._send_lock:
-            self._check_sendable()
             try:
+                self._check_sendable()
                 if fds:
                     sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
                     if sent < len(data):
                         self.sock.sendall(memoryview(data)[sent:])
                 else:
                     self.sock.sendall(data)
+            except ChannelClosed:  # from _check_sendable: say it as it is
+                raise
             except OSError as exc:  # EPIPE / ECONNRESET: the peer is gone (or we closed meanwhile)
                 raise self._send_failed(exc) from exc
             except BaseException as exc:
@@ -214,6 +208,9 @@ class Channel:
                 except OSError:
                     pass
                 raise
+            finally:
+                if fds and self._owned:  # segment fds from encode(): in flight now, or never
+                    self._disown(fds)
 
     def try_send(self, view: memoryview | bytes, fds: list[int] = ()) -> int:  # type: ignore[assignment]
         """One non-blocking write; returns the bytes sent (0 when the socket is full)."""
