@@ -436,7 +436,7 @@ class Pool(Executor):
     def _start_worker(self, worker: Worker) -> None:
         """In a short-lived thread, so a slow start never stalls the manager."""
         try:
-            child: ChildProcess | BaseException = fork(module="forkio._pool_worker", **_preload_option(self._preload))
+            child: ChildProcess | BaseException = fork(module="forkio._pool_main", **_preload_option(self._preload))
         except BaseException as exc:
             child = exc
         self._post(("spawned", worker, child))
@@ -447,6 +447,9 @@ class Pool(Executor):
             self._break(child)
             return
         worker.pid = child.pid
+        # Pool messages carry pickled bytes nested in lists: they never take the shared-memory
+        # path, and _send() relies on that (it writes frames without fds).
+        child.channel.zero_copy_threshold = None
         proc = _Proc(worker, child)
         self._procs[worker.id] = proc
         self._sched.add_worker(worker)

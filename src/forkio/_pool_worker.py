@@ -184,6 +184,7 @@ def main() -> None:
     except ChannelClosed:
         return  # the pool closed before we started: nothing to do
     sys.path[:] = sys_path  # find what the caller finds, as multiprocessing's spawn does
+    parent.channel.zero_copy_threshold = None  # results are bytes nested in lists: always inline
     _worker.report_rss = report_rss
     _worker.started = memoryview(mmap.mmap(counter_fd, 8)).cast("Q")
     os.close(counter_fd)
@@ -205,10 +206,3 @@ def main() -> None:
     sys.stderr.flush()
     os._exit(0)
 
-
-if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy's: progress() and report(), called
-    # from tasks, live in forkio._pool_worker and must see the task that is running.
-    from forkio._pool_worker import main as _main
-
-    _main()

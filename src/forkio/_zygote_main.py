@@ -187,7 +187,9 @@ def _warm_up() -> None:
     import importlib.util
     import pkgutil  # (runpy.run_path reads .pyc headers with it)
 
-    del importlib, pkgutil
+    from . import _pool_worker  # every Pool worker runs it: a pool's start should not pay for its import
+
+    del importlib, pkgutil, _pool_worker
 
 
 def _threads_problem() -> str:
