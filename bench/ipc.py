@@ -271,14 +271,15 @@ def run_rounds(title: str, contenders: dict, rounds: int, log, warm: int) -> dic
     return samples
 
 
-def _forkio_session(mode: str, timed, serialization: str | None = None, script: str = FORKIO_CHILD):
+def _forkio_session(mode: str, timed, serialization: str | None = None, script: str = FORKIO_CHILD,
+                    many: bool = False):
     import contextlib
 
     @contextlib.contextmanager
     def session():
         child = forkio_child(mode, serialization=serialization, script=script)
         try:
-            yield lambda count: timed(child.send, child.recv, count)
+            yield lambda count: timed(child.send_many if many else child.send, child.recv, count)
         finally:
             child.close(grace=3)
 
@@ -529,8 +530,22 @@ def bench_oneway(cfg: dict, log) -> dict[str, list[float]]:
             raise RuntimeError(f"child counted {got} messages, expected {n}")
         return n / (t1 - t0)
 
+    def timed_batches(send_many, recv, count: int | None) -> float:
+        n = count or cfg["ow_n"]
+        batch = [MSG] * 256
+        t0 = perf()
+        for _ in range(n // 256):
+            send_many(batch)
+        send_many([None])
+        got = recv()
+        t1 = perf()
+        if got != n // 256 * 256:
+            raise RuntimeError(f"child counted {got} messages, expected {n // 256 * 256}")
+        return n // 256 * 256 / (t1 - t0)
+
     contenders = {
         "forkio pickle": _forkio_session("count", timed),
+        "forkio pickle, send_many x256": _forkio_session("count", timed_batches, many=True),
         "forkio json": _forkio_session("count", timed, serialization="json"),
         "forkio json -> Node child": _forkio_session("count", timed, script=NODE_CHILD),
         "raw socketpair + pickle": _raw_session("count", timed),

@@ -297,3 +297,16 @@ def test_signal_during_a_big_send_never_leaves_garbage(children: Path) -> None:
     finally:
         signals.setitimer(signals.ITIMER_REAL, 0)
         signals.signal(signals.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("serialization", ["pickle", "json"])
+def test_send_many_in_one_write(children: Path, serialization: str) -> None:
+    """send_many: every message arrives, in order; one bad message sends none of them."""
+    with forkio.fork(children / "echo.py", serialization=serialization) as child:
+        assert child.recv(timeout=10) == "ready"
+        child.send_many([{"i": i} for i in range(500)])
+        assert [child.recv(timeout=10)["i"] for _ in range(500)] == list(range(500))
+        with pytest.raises(SerializationError):
+            child.send_many(["fine", float("nan") if serialization == "json" else (lambda: 0)])
+        child.send("next")
+        assert child.recv(timeout=10) == "next"  # nothing of the failed batch went out
