@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 
 import forkio
+from helpers import gone
 
 PARENT = textwrap.dedent("""
     import sys, threading, time
@@ -28,18 +29,6 @@ PARENT = textwrap.dedent("""
     t = threading.Thread(target=start); t.start(); t.join()
     time.sleep(600)
 """)
-
-
-def _gone(pid: int, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _start_parent(children: Path, mode: str) -> tuple[subprocess.Popen[str], int]:
@@ -57,7 +46,7 @@ def test_child_dies_with_sigkilled_parent_not_with_its_thread(children: Path) ->
     assert psutil.pid_exists(child_pid)  # the thread that forked it has ended: still alive
     parent.kill()
     parent.wait()
-    assert _gone(child_pid, within=2.0), "child outlived its SIGKILLed parent"
+    assert gone(child_pid, within=2.0), "child outlived its SIGKILLed parent"
 
 
 def test_detached_child_survives_its_parent(children: Path) -> None:
@@ -66,10 +55,10 @@ def test_detached_child_survives_its_parent(children: Path) -> None:
     parent.wait()
     try:
         time.sleep(0.3)
-        assert psutil.pid_exists(child_pid) and not _gone(child_pid, within=0.2)
+        assert psutil.pid_exists(child_pid) and not gone(child_pid, within=0.2)
     finally:
         os.kill(child_pid, signal.SIGKILL)
-    assert _gone(child_pid, within=5)
+    assert gone(child_pid, within=5)
 
 
 def test_grandchildren_do_not_inherit_the_channel(children: Path) -> None:
@@ -80,7 +69,7 @@ def test_grandchildren_do_not_inherit_the_channel(children: Path) -> None:
         assert psutil.pid_exists(grandchild)
         child.kill(signal.SIGKILL)
         child.wait(timeout=10)
-    assert _gone(grandchild, within=2.0)
+    assert gone(grandchild, within=2.0)
 
 
 def test_exit_event_from_many_children_concurrently(children: Path) -> None:

@@ -10,20 +10,12 @@ from concurrent.futures import CancelledError
 from functools import partial
 from pathlib import Path
 
-import psutil
 import pytest
 
 import forkio
 import pool_tasks as tasks
 from forkio import Pool, SerializationError, TaskTimeout, WorkerCrashed
-
-
-def _gone(pid: int) -> bool:
-    """True once ``pid`` has exited (a zombie counts: it runs no more)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+from helpers import gone
 
 
 @pytest.fixture
@@ -110,7 +102,7 @@ def test_timeout_really_stops_the_task(pool: Pool, tmp_path: Path) -> None:
     assert time.monotonic() - started < 10
     pid = int(marker.read_text())
     deadline = time.monotonic() + 5
-    while not _gone(pid):
+    while not gone(pid):
         assert time.monotonic() < deadline, "the hung worker was not stopped"
         time.sleep(0.02)
     assert pool.submit(tasks.inc, 1).result(timeout=30) == 2
@@ -146,7 +138,7 @@ def test_cancel_a_running_task_stops_its_worker(pool: Pool, tmp_path: Path) -> N
     assert future.cancel()
     with pytest.raises(CancelledError):
         future.result(timeout=1)
-    while not _gone(pid):
+    while not gone(pid):
         assert time.monotonic() < deadline, "the cancelled task's worker was not stopped"
         time.sleep(0.02)
     assert pool.submit(tasks.inc, 1).result(timeout=30) == 2
@@ -165,7 +157,7 @@ def test_asyncio_run_and_cancel(tmp_path: Path) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await task
             for _ in range(500):
-                if _gone(pid):
+                if gone(pid):
                     break
                 await asyncio.sleep(0.01)
             else:
@@ -289,7 +281,7 @@ def test_no_worker_outlives_a_killed_parent(tmp_path: Path) -> None:
     parent.wait()
     deadline = time.monotonic() + 3
     for pid in pids:
-        while not _gone(pid):
+        while not gone(pid):
             assert time.monotonic() < deadline, f"worker {pid} outlived its parent"
             time.sleep(0.02)
 

@@ -70,7 +70,7 @@ def test_timeout_kills_the_worker_and_fails_with_timeout() -> None:
 
 
 def test_a_task_with_a_deadline_runs_alone() -> None:
-    sched, (w0, w1) = _pool()
+    sched, (_, w1) = _pool()
     sched.avg_seconds = 1e-5
     timed = Task(9, b"", timeout=1.0)
     _submit(sched, *[Task(i, b"") for i in range(3)], timed)

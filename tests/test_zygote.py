@@ -22,6 +22,7 @@ import pytest
 import forkio
 from forkio import _zygote
 from forkio._zygote import PreloadError, ZygoteError
+from helpers import gone
 
 
 def _report(children: Path, **options: Any) -> dict[str, Any]:
@@ -30,18 +31,6 @@ def _report(children: Path, **options: Any) -> dict[str, Any]:
         assert child.start_method == options.get("start", "zygote")
         child.send("bye")
     return report
-
-
-def _gone(pid: int, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_a_zygote_child_sees_what_an_execd_child_sees(children: Path, tmp_path: Path) -> None:
@@ -352,8 +341,8 @@ def test_child_and_zygote_die_with_a_sigkilled_parent(children: Path) -> None:
     assert psutil.Process(int(child_pid)).ppid() == parent.pid
     parent.kill()
     parent.wait()
-    assert _gone(int(child_pid), within=2.0), "child outlived its SIGKILLed parent"
-    assert _gone(int(zygote_pid), within=2.0), "zygote outlived its SIGKILLed parent"
+    assert gone(int(child_pid), within=2.0), "child outlived its SIGKILLed parent"
+    assert gone(int(zygote_pid), within=2.0), "zygote outlived its SIGKILLed parent"
 
 
 OS_FORK = textwrap.dedent("""

@@ -263,14 +263,31 @@ class PickleCodec:
         return PickleDecoder(self.max_frame_size, mapper)
 
 
-class PickleDecoder:
+class _Decoder:
+    """What both decoders keep: bytes of an incomplete message, and fds not yet claimed."""
+
+    def __init__(self, max_frame_size: int) -> None:
+        self._max = max_frame_size
+        self._buffer = bytearray()
+        self._fds: deque[int] = deque()
+
+    def close(self) -> None:
+        """Close the fds that no message will claim (the channel is done)."""
+        close_fds(list(self._fds))
+        self._fds.clear()
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete message held back."""
+        return len(self._buffer)
+
+
+class PickleDecoder(_Decoder):
     """Incremental decoder of pickle frames."""
 
     def __init__(self, max_frame_size: int, mapper: Mapper | None = None) -> None:
-        self._max = max_frame_size
+        super().__init__(max_frame_size)
         self._mapper = mapper
-        self._buffer = bytearray()
-        self._fds: deque[int] = deque()
 
     def feed(self, data: bytes | memoryview, fds: list[int] = ()) -> list[Incoming]:  # type: ignore[assignment]
         """Add bytes (and the fds that came with them); return every frame now complete."""
@@ -373,16 +390,6 @@ class PickleDecoder:
         self._buffer = bytearray()
         self.close()
 
-    def close(self) -> None:
-        """Close the fds of frames that will never complete."""
-        close_fds(list(self._fds))
-        self._fds.clear()
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an incomplete frame held back."""
-        return len(self._buffer)
-
 
 class JsonCodec:
     """Node's IPC format: one ``JSON.stringify(message)`` line per message."""
@@ -412,13 +419,11 @@ def is_internal(message: Any) -> bool:
     return isinstance(message, dict) and isinstance(message.get("cmd"), str) and message["cmd"].startswith("NODE_")
 
 
-class JsonDecoder:
+class JsonDecoder(_Decoder):
     """Incremental decoder of newline-delimited JSON."""
 
     def __init__(self, max_frame_size: int) -> None:
-        self._max = max_frame_size
-        self._buffer = bytearray()
-        self._fds: deque[int] = deque()
+        super().__init__(max_frame_size)
         self._loads = json.JSONDecoder().decode
 
     def feed(self, data: bytes | memoryview, fds: list[int] = ()) -> list[Incoming]:  # type: ignore[assignment]
@@ -456,15 +461,6 @@ class JsonDecoder:
             else:
                 out.append((obj, _NO_FDS, None, False, None))
         return out
-
-    def close(self) -> None:
-        """Close fds that no message will claim."""
-        close_fds(list(self._fds))
-        self._fds.clear()
-
-    @property
-    def pending(self) -> int:
-        return len(self._buffer)
 
 
 Codec = PickleCodec | JsonCodec
