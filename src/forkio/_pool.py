@@ -110,12 +110,11 @@ class _Proc:
     def close(self) -> None:
         self.counter.close()
         os.close(self.counter_fd)
-        os.close(self.pidfd)
 
     def __init__(self, state: Worker, child: ChildProcess) -> None:
         self.state = state
         self.child = child
-        self.pidfd = os.pidfd_open(child.pid)
+        self.pidfd = child.sentinel  # readable at exit; the child owns it and closes it in close()
         # A counter the worker bumps (in shared memory, no system call) as it starts each task.
         self.counter_fd = os.memfd_create("forkio-worker-progress", os.MFD_CLOEXEC)
         os.ftruncate(self.counter_fd, 8)
@@ -557,10 +556,9 @@ class Pool(Executor):
         self._unwatch(proc.child.channel.fileno(), proc)
         self._unwatch(proc.pidfd, proc)
         proc.close()
-        proc.child.disconnect()
         if proc.child.returncode is None:
             proc.child.kill(signal.SIGKILL)
-        proc.child.wait()
+        proc.child.close(grace=0)  # disconnect, reap, release the sentinel
 
     # fd numbers come back: a closed channel's number may already belong to another worker's
     # socket or pidfd, so registrations are checked against their owner, never assumed.
