@@ -116,7 +116,7 @@ class _Proc:
         self.child = child
         self.pidfd = child.sentinel  # readable at exit; the child owns it and closes it in close()
         # A counter the worker bumps (in shared memory, no system call) as it starts each task.
-        self.counter_fd = os.memfd_create("forkio-worker-progress", os.MFD_CLOEXEC)
+        self.counter_fd = _anonymous_file()
         os.ftruncate(self.counter_fd, 8)
         self.counter = mmap.mmap(self.counter_fd, 8)
         self.outbox = bytearray()
@@ -600,6 +600,16 @@ class Pool(Executor):
         for proc in list(self._procs.values()):
             if not proc.state.assigned:
                 self._retire(proc)
+
+
+def _anonymous_file() -> int:
+    """An fd of a nameless file to share by mmap: a memfd on Linux, an unlinked temp file elsewhere."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create("forkio-worker-progress", os.MFD_CLOEXEC)
+    import tempfile
+
+    with tempfile.TemporaryFile() as f:
+        return os.dup(f.fileno())
 
 
 def _rss_of(pid: int) -> int | None:
