@@ -311,3 +311,35 @@ def test_submit_right_after_an_idle_worker_is_killed() -> None:
             os.kill(next(iter(pids)), signal.SIGKILL)
             futures = [pool.submit(tasks.pid_of) for _ in range(4)]
             assert all(isinstance(f.result(timeout=30), int) for f in futures)
+
+
+def test_ctrl_c_in_a_pool_run_stops_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the whole group, as a terminal sends it) during map: the caller gets
+    KeyboardInterrupt, the pool kills its workers, nothing hangs and nothing is left behind."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, os\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import forkio, pool_tasks\n"
+        "try:\n"
+        "    with forkio.Pool(2) as pool:\n"
+        "        print(' '.join(str(p) for p in {pool.submit(pool_tasks.pid_of).result() for _ in range(20)}),"
+        " flush=True)\n"
+        "        for _ in pool.map(pool_tasks.sleep_then, [0.5] * 100):\n"
+        "            pass\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    assert proc.stdout is not None
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    time.sleep(0.3)  # let the map get going
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert "interrupted" in out and proc.returncode == 0, err
+    assert "Traceback" not in err
+    for pid in pids:
+        assert gone(pid, within=3.0), f"worker {pid} outlived the interrupted pool"
