@@ -128,3 +128,18 @@ def test_fds_are_matched_to_their_frame() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 3_000_000), max_size=12), st.integers(1, 4))
+def test_large_frames_fill_their_own_buffer_whatever_the_chunks(cuts: list[int], count: int) -> None:
+    """Frames over LARGE_FRAME are received in place; cut anywhere, mixed with small ones, they decode."""
+    codec = PickleCodec()
+    messages: list[object] = []
+    for i in range(count):
+        messages += [{"small": i}, "x" * (1_200_000 + i), b"y" * 300]
+    stream = b"".join(codec.encode(m) for m in messages)
+    decoder = codec.decoder()
+    out = [item[0] for chunk in _chunks(stream, cuts) for item in decoder.feed(chunk)]
+    assert out == messages
+    assert decoder.pending == 0

@@ -38,6 +38,7 @@ from ._errors import ProtocolError, SerializationError
 from ._handles import RAW_FD, close_fds
 
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
+LARGE_FRAME = 1 << 20  # frames this big are received into a buffer of their own size
 PICKLE_PROTOCOL = 5
 
 MAGIC = 0xF5
@@ -288,20 +289,53 @@ class PickleDecoder(_Decoder):
     def __init__(self, max_frame_size: int, mapper: Mapper | None = None) -> None:
         super().__init__(max_frame_size)
         self._mapper = mapper
+        self._big: bytearray | None = None  # a large frame's own buffer, while it fills
+        self._big_fill = 0
 
     def feed(self, data: bytes | memoryview, fds: list[int] = ()) -> list[Incoming]:  # type: ignore[assignment]
         """Add bytes (and the fds that came with them); return every frame now complete."""
         if fds:
             self._fds.extend(fds)
+        big = self._big
+        if big is None:
+            return self._feed(data)
+        # A large frame is being filled in place: no growing buffer, no copy to decode it.
+        take = min(len(data), len(big) - self._big_fill)
+        big[self._big_fill:self._big_fill + take] = data[:take]
+        self._big_fill += take
+        if self._big_fill < len(big):
+            return []
+        self._big = None
+        out, _ = self._frames(memoryview(big), len(big))
+        return out + self._feed(data[take:]) if take < len(data) else out
+
+    def _feed(self, data: bytes | memoryview) -> list[Incoming]:
         buf = self._buffer
         if buf:
             buf += data
             view: bytes | bytearray | memoryview = buf
         else:
             view = data
+        end = len(view)
+        out, pos = self._frames(view, end)
+        if pos < end and end - pos >= 8:
+            size = 8 + HEADER.unpack_from(view, pos)[4]
+            if size >= LARGE_FRAME:  # the rest of this frame goes straight into its own buffer
+                self._big = bytearray(size)
+                self._big[:end - pos] = view[pos:end]
+                self._big_fill = end - pos
+                self._buffer = bytearray()
+                return out
+        if buf:
+            del buf[:pos]
+        elif pos < end:
+            self._buffer = bytearray(view[pos:])
+        return out
+
+    def _frames(self, view: bytes | bytearray | memoryview, end: int) -> tuple[list[Incoming], int]:
+        """Decode the complete frames in ``view[:end]``; return them and where the rest starts."""
         out: list[Incoming] = []
         pos = 0
-        end = len(view)
         unpack = HEADER.unpack_from
         loads = pickle.loads
         while end - pos >= 8:
@@ -336,11 +370,7 @@ class PickleDecoder(_Decoder):
                 else:
                     out.append((obj, frame_fds, None, True, None))
             pos = stop
-        if buf:
-            del buf[:pos]
-        elif pos < end:
-            self._buffer = bytearray(view[pos:])
-        return out
+        return out, pos
 
     def _load_with_buffers(self, payload: bytes | bytearray | memoryview, fds: list[int]) -> tuple[Any, list[int]]:
         """Unpickle a frame with out-of-band buffers; returns the object and the frame's other fds.
@@ -388,7 +418,13 @@ class PickleDecoder(_Decoder):
 
     def _fail(self) -> None:
         self._buffer = bytearray()
+        self._big = None
         self.close()
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back."""
+        return self._big_fill if self._big is not None else len(self._buffer)
 
 
 class JsonCodec:
