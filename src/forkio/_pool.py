@@ -171,7 +171,6 @@ class Pool(Executor):
         self._closed = False
         self._broken: BaseException | None = None
         self._starting = 0
-        self._stats: dict[int, dict[str, Any]] = {}
         self.restarts = 0
         self._manager = threading.Thread(target=self._run, name="forkio-pool", daemon=True)
         self._manager.start()
@@ -182,10 +181,9 @@ class Pool(Executor):
         """Run ``fn(*args, **kwargs)`` in a worker; returns a ``Future``."""
         return self._submit(fn, args, kwargs, self.task_timeout, self.retries, None)
 
-    # The hot path of submit(): one Task, one Future, one pickle, one deque append.
-
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 timeout: float | None, retries: int, on_message: Callable[[Any], None] | None) -> TaskFuture:
+        # The hot path of every submission: one Task, one Future, one pickle, one deque append.
         if self._closed:
             raise PoolClosed("cannot submit to a pool that is shut down") from self._broken
         task = Task(next(self._task_ids), b"", timeout, retries, on_message)

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import queue
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sized
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -119,7 +119,7 @@ class _Stream:
             raise ValueError("chunksize must be at least 1")
         if options.timeout is not None:
             self.fixed_chunk = 1  # a per-item timeout needs one item per task
-        self.total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
+        self.total = _length(iterable)
         self.items = iter(iterable)
         self.taken = 0  # inputs read so far
         self.exhausted = False
@@ -246,8 +246,7 @@ class TaskOptions:
         ``deadline`` (a ``time.monotonic()`` value) bounds the whole iteration: past it,
         ``WaitTimeout`` is raised and the tasks still in flight are cancelled.
         """
-        bar = ProgressBar(len(iterable)) if progress and hasattr(iterable, "__len__") else (  # type: ignore[arg-type]
-            ProgressBar(None) if progress else None)
+        bar = ProgressBar(_length(iterable)) if progress else None
         try:
             for chunk in self._chunks(fn, iterable, ordered=ordered, chunksize=chunksize, star=star,
                                       deadline=deadline):
@@ -321,3 +320,8 @@ def _values(chunks: Iterator[_Chunk]) -> Iterator[Any]:
             yield from chunk.raise_or_values()
     finally:
         chunks.close()  # type: ignore[attr-defined]
+
+
+def _length(iterable: Iterable[Any]) -> int | None:
+    """How many inputs there are, when the input knows (for chunk sizes and the progress bar)."""
+    return len(iterable) if isinstance(iterable, Sized) else None
