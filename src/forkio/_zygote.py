@@ -326,7 +326,12 @@ def start(spec: Any) -> tuple[ZygoteProcess, socket.socket] | None:
     """Start ``spec`` (a ``LaunchSpec``) from a zygote; None when the zygote cannot and exec should."""
     startup_env = tuple(sorted((k, v) for k, v in spec.env.items() if _is_startup_var(k)))
     for attempt in range(2):
-        zygote = _get(spec.preload, startup_env)
+        try:
+            zygote = _get(spec.preload, startup_env)
+        except ZygoteError:
+            if spec.strict:
+                raise
+            return None  # a zygote that cannot start (not a bad preload: that is the user's) means exec
         if zygote.problem is not None:
             if spec.strict:
                 raise ZygoteError(f"the zygote cannot start children here: {zygote.problem}")
@@ -335,7 +340,9 @@ def start(spec: Any) -> tuple[ZygoteProcess, socket.socket] | None:
             return _start_from(zygote, spec)
         except ChannelClosed:
             if attempt:
-                raise ZygoteError("the zygote died twice while starting a child") from None
+                if spec.strict:
+                    raise ZygoteError("the zygote died twice while starting a child") from None
+                return None
         except _Refused as exc:
             zygote.problem = str(exc)
             if spec.strict:
