@@ -96,6 +96,10 @@ def flaky(counter_file: str, failures: int) -> str:
     return f"ok after {count} failures"
 
 
+def use_parent_directly() -> None:
+    forkio.parent.send("this would corrupt the pool's channel")
+
+
 def with_progress(steps: int) -> str:
     for i in range(1, steps + 1):
         forkio.progress(i, steps)

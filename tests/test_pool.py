@@ -343,3 +343,10 @@ def test_ctrl_c_in_a_pool_run_stops_cleanly(tmp_path: Path) -> None:
     assert "Traceback" not in err
     for pid in pids:
         assert gone(pid, within=3.0), f"worker {pid} outlived the interrupted pool"
+
+
+def test_a_task_cannot_write_on_the_pools_channel(pool: Pool) -> None:
+    """forkio.parent inside a task refuses, with a hint; the pool's protocol stays intact."""
+    with pytest.raises(forkio.ChannelClosed, match=r"forkio\.report"):
+        pool.submit(tasks.use_parent_directly).result(timeout=30)
+    assert pool.submit(tasks.inc, 1).result(timeout=30) == 2

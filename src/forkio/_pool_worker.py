@@ -175,6 +175,19 @@ class _Worker:
 _worker = _Worker()
 
 
+def _hide_channel_from_tasks() -> None:
+    """In a worker the channel carries the pool's protocol: a task that used ``forkio.parent``
+    would corrupt it. Tasks see a ``parent`` that says so; this module keeps the real one."""
+    import forkio
+
+    from . import _parent
+
+    blocked = _parent.Parent(None, "inside a pool task the channel belongs to the pool: "
+                                   "use forkio.report() or forkio.progress() to reach the caller")
+    _parent.parent = blocked
+    forkio.parent = blocked
+
+
 def main() -> None:
     # Ctrl-C reaches the whole process group: the pool in the parent decides what stops, not us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -188,6 +201,7 @@ def main() -> None:
     _worker.report_rss = report_rss
     _worker.started = memoryview(mmap.mmap(counter_fd, 8)).cast("Q")
     os.close(counter_fd)
+    _hide_channel_from_tasks()
     try:
         initializer, initargs = loads(initializer_payload)
         if initializer is not None:
