@@ -137,3 +137,12 @@ def cpu(n: int) -> int:
     for i in range(n):
         total += i * i
     return total
+
+
+def array_sum(arr: Any) -> tuple[float, bool]:
+    """The sum, and whether the array's memory is a shared mapping rather than a pickled copy."""
+    base = arr
+    while not isinstance(base, memoryview) and getattr(base, "base", None) is not None:
+        base = base.base
+    in_band = isinstance(base, memoryview) and isinstance(base.obj, bytes | bytearray)
+    return float(arr.sum()), not in_band

@@ -190,7 +190,9 @@ class Pool(Executor):
         future = TaskFuture(self, task)
         task.future = future
         try:
-            task.payload = dumps((fn, args, kwargs) if kwargs else (fn, args))
+            big: list[pickle.PickleBuffer] = []
+            task.payload = dumps((fn, args, kwargs) if kwargs else (fn, args), big)
+            task.buffers = big or None
         except Exception as exc:
             hint = ("" if _has_cloudpickle() else
                     " (lambdas and closures need cloudpickle: pip install 'forkio[cloudpickle]')")
@@ -379,7 +381,9 @@ class Pool(Executor):
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Dispatch):
-                self._send(self._procs[action.worker.id], ("tasks", [(t.id, t.payload) for t in action.tasks]))
+                self._send(self._procs[action.worker.id],
+                           ("tasks", [(t.id, t.payload, t.buffers) if t.buffers else (t.id, t.payload)
+                                      for t in action.tasks]))
             elif isinstance(action, Resolve):
                 value = action.value
                 if isinstance(value, Failure):
@@ -444,9 +448,6 @@ class Pool(Executor):
             self._break(child)
             return
         worker.pid = child.pid
-        # Pool messages carry pickled bytes nested in lists: they never take the shared-memory
-        # path, and _send() relies on that (it writes frames without fds).
-        child.channel.zero_copy_threshold = None
         proc = _Proc(worker, child)
         self._procs[worker.id] = proc
         self._sched.add_worker(worker)
@@ -463,9 +464,24 @@ class Pool(Executor):
     def _send(self, proc: _Proc, message: tuple[Any, ...]) -> None:
         if proc.retired:
             return
-        data, _ = proc.child.channel.encode(message)
-        proc.outbox += data
-        self._flush(proc)
+        channel = proc.child.channel
+        data, fds = channel.encode(message)
+        if not fds:
+            proc.outbox += data
+            self._flush(proc)
+            return
+        # Big task arguments went into a shared segment, whose fd rides with the frame. Such
+        # frames are small and rare: write them (and whatever is queued before them) blocking.
+        try:
+            if proc.outbox:
+                channel.send_bytes(bytes(proc.outbox))
+                proc.outbox = bytearray()
+            channel.send_bytes(data, fds)
+        except ChannelClosed:
+            proc.outbox = bytearray()
+            proc.state.ready = False  # it is dying: its pidfd reports that
+        finally:
+            channel._disown(fds)
 
     def _flush(self, proc: _Proc) -> None:
         channel = proc.child.channel

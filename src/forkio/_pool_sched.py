@@ -34,6 +34,7 @@ class Task:
     attempts: int = 0
     cancelled: bool = False
     deadline: float | None = None
+    buffers: list[Any] | None = None  # big argument buffers, sent apart through shared memory
 
 
 @dataclass(eq=False)

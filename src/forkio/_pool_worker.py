@@ -4,7 +4,8 @@ Protocol (pickle frames over the worker's forkio channel):
 
     pool -> worker   ("init", sys_path, main_path, report_rss, (initializer, initargs) pickled)
                      first, with the fd of an 8-byte shared counter of tasks started
-                     ("tasks", [(task_id, payload), ...])            payload = pickled (fn, args, kwargs)
+                     ("tasks", [(task_id, payload[, buffers]), ...]) payload = pickled (fn, args[, kwargs]);
+                                                                     big buffers apart (shared memory)
                      ("cancel", task_id)                             skip it if it has not started
     worker -> pool   ("ready", pid) | ("init-failed", error)
                      ("results", [(task_id, status, payload, seconds), ...], rss_or_None)
@@ -37,26 +38,45 @@ CHECK_CANCELS_EVERY = 0.0002
 _current_task: int | None = None
 
 
-def dumps(obj: Any) -> bytes:
-    """Pickle ``obj``; fall back to cloudpickle (if installed) for lambdas, closures and the like."""
+BIG_BUFFER = 1 << 20  # task arguments' buffers this big travel apart (shared memory), not pickled in
+
+
+def dumps(obj: Any, big_buffers: list[pickle.PickleBuffer] | None = None) -> bytes:
+    """Pickle ``obj``; fall back to cloudpickle (if installed) for lambdas, closures and the like.
+
+    With ``big_buffers``, protocol-5 buffers of ``BIG_BUFFER`` bytes or more (numpy arrays...)
+    are left out of the pickle and appended there, for the channel to pass through shared memory.
+    """
+    callback = None
+    if big_buffers is not None:
+        def callback(buffer: pickle.PickleBuffer) -> bool:
+            try:
+                if buffer.raw().nbytes >= BIG_BUFFER:
+                    big_buffers.append(buffer)
+                    return False  # out of band
+            except BufferError:  # not contiguous: pickled in with the rest
+                pass
+            return True
     try:
-        return pickle.dumps(obj, 5)
+        return pickle.dumps(obj, 5, buffer_callback=callback)
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
         try:
             import cloudpickle  # type: ignore[import-untyped]
         except ImportError:
             raise exc from None
-        return bytes(cloudpickle.dumps(obj, 5))
+        if big_buffers:
+            big_buffers.clear()
+        return bytes(cloudpickle.dumps(obj, 5, buffer_callback=callback))
 
 
 _main_path: str | None = None
 
 
-def loads(payload: bytes) -> Any:
+def loads(payload: bytes, buffers: list[Any] | None = None) -> Any:
     """Unpickle a task. Functions from the caller's ``__main__`` are found by loading its main
     script here under the name ``__mp_main__`` (as multiprocessing does), on first need."""
     try:
-        return pickle.loads(payload)
+        return pickle.loads(payload, buffers=buffers)
     except AttributeError:
         if _main_path is None or "__mp_main__" in sys.modules:
             raise
@@ -67,7 +87,7 @@ def loads(payload: bytes) -> Any:
     sys.modules["__mp_main__"] = module
     module.__dict__.update(runpy.run_path(_main_path, run_name="__mp_main__"))
     sys.modules["__main__"] = module
-    return pickle.loads(payload)
+    return pickle.loads(payload, buffers=buffers)
 
 
 def encode_error(exc: BaseException) -> bytes:
@@ -118,7 +138,7 @@ class _Worker:
             self.results = []
         self.last_flush = time.perf_counter()
 
-    def handle(self, message: tuple[Any, ...], queue: deque[tuple[int, bytes]]) -> bool:
+    def handle(self, message: tuple[Any, ...], queue: deque[tuple[Any, ...]]) -> bool:
         kind = message[0]
         if kind == "tasks":
             queue.extend(message[1])
@@ -131,7 +151,7 @@ class _Worker:
     def run(self) -> None:
         global _current_task
         channel = parent.channel
-        queue: deque[tuple[int, bytes]] = deque()
+        queue: deque[tuple[Any, ...]] = deque()  # (task_id, payload[, big buffers])
         last_check = time.perf_counter()
         perf = time.perf_counter
         while True:
@@ -152,7 +172,7 @@ class _Worker:
                 while channel._inbox:
                     if not self.handle(channel.pop(False), queue):
                         return
-            task_id, payload = queue.popleft()
+            task_id, payload, *big = queue.popleft()
             self.started[0] += 1  # seen by the pool even if we die in this task (see _pool_sched)
             if task_id in self.cancelled:
                 self.cancelled.discard(task_id)
@@ -160,9 +180,10 @@ class _Worker:
             _current_task = task_id
             started = perf()
             try:
-                call = loads(payload)  # (fn, args) or (fn, args, kwargs)
+                call = loads(payload, big[0] if big else None)  # (fn, args) or (fn, args, kwargs)
                 result = dumps(call[0](*call[1], **call[2]) if len(call) == 3 else call[0](*call[1]))
                 status = OK
+                del call  # let go of shared-memory arguments now, so the caller can reuse the segment
             except BaseException as exc:
                 result, status = encode_error(exc), RAISED
             finished = perf()
