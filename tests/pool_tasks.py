@@ -141,8 +141,18 @@ def cpu(n: int) -> int:
 
 def array_sum(arr: Any) -> tuple[float, bool]:
     """The sum, and whether the array's memory is a shared mapping rather than a pickled copy."""
+    return float(arr.sum()), not in_band(arr)
+
+
+def make_array(n: int) -> Any:
+    import numpy as np
+
+    return np.arange(n, dtype=np.float64)
+
+
+def in_band(arr: Any) -> bool:
+    """Whether an unpickled array's memory is a copy inside the pickle (bytes), not a mapping."""
     base = arr
     while not isinstance(base, memoryview) and getattr(base, "base", None) is not None:
         base = base.base
-    in_band = isinstance(base, memoryview) and isinstance(base.obj, bytes | bytearray)
-    return float(arr.sum()), not in_band
+    return isinstance(base, memoryview) and isinstance(base.obj, bytes | bytearray)

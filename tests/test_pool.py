@@ -364,3 +364,14 @@ def test_big_array_arguments_travel_through_shared_memory(pool: Pool) -> None:
     # many in flight at once, each with its own segment or a reused one
     futures = [pool.submit(tasks.array_sum, arr * i) for i in range(6)]
     assert [f.result(timeout=60)[0] for f in futures] == [float((arr * i).sum()) for i in range(6)]
+
+
+def test_big_array_results_travel_through_shared_memory(pool: Pool) -> None:
+    """A 32 MB array returned by a task arrives intact, backed by shared memory; small ones inline."""
+    import numpy as np
+
+    big = pool.submit(tasks.make_array, 4 << 20).result(timeout=60)
+    assert np.array_equal(big, np.arange(4 << 20, dtype=np.float64)) and not tasks.in_band(big)
+    assert tasks.in_band(pool.submit(tasks.make_array, 10).result(timeout=30))
+    arrays = list(pool.map(tasks.make_array, [2 << 20] * 4))  # map's chunks too
+    assert all(np.array_equal(a, np.arange(2 << 20, dtype=np.float64)) for a in arrays)

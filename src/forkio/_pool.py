@@ -524,8 +524,8 @@ class Pool(Executor):
             if kind == "results":
                 _, results, rss = message
                 self._sched.memory_report(proc.state, rss)
-                for task_id, status, payload, seconds in results:
-                    ok, value = self._decode_result(status, payload)
+                for task_id, status, payload, seconds, buffers in results:
+                    ok, value = self._decode_result(status, payload, buffers)
                     self._apply(self._sched.task_finished(proc.state, task_id, ok, value, seconds))
             elif kind == "message":
                 task = self._tasks.get(message[1])
@@ -541,10 +541,10 @@ class Pool(Executor):
             elif kind == "init-failed":
                 self._break(_decode_error(message[1]))
 
-    def _decode_result(self, status: int, payload: bytes) -> tuple[bool, Any]:
+    def _decode_result(self, status: int, payload: bytes, buffers: list[Any] | None) -> tuple[bool, Any]:
         try:
             if status == OK:
-                return True, pickle.loads(payload)
+                return True, pickle.loads(payload, buffers=buffers)
             return False, _decode_error(payload)
         except Exception as exc:
             error = SerializationError(f"cannot unpickle the task's result in the caller: {exc!r}")

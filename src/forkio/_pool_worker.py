@@ -8,7 +8,8 @@ Protocol (pickle frames over the worker's forkio channel):
                                                                      big buffers apart (shared memory)
                      ("cancel", task_id)                             skip it if it has not started
     worker -> pool   ("ready", pid) | ("init-failed", error)
-                     ("results", [(task_id, status, payload, seconds), ...], rss_or_None)
+                     ("results", [(task_id, status, payload, seconds, big buffers or None), ...],
+                      rss_or_None)
                      ("message", task_id, message)                   from progress() / report()
 
 Tasks run one at a time, in the order received, so the pool always knows which task a dead
@@ -125,7 +126,7 @@ def _rss() -> int:
 
 class _Worker:
     def __init__(self) -> None:
-        self.results: list[tuple[int, int, bytes, float]] = []
+        self.results: list[tuple[int, int, bytes, float, list[pickle.PickleBuffer] | None]] = []
         self.report_rss = False
         self.cancelled: set[int] = set()
         self.started = memoryview(bytearray(8)).cast("Q")  # replaced by the pool's shared counter
@@ -179,16 +180,19 @@ class _Worker:
                 continue
             _current_task = task_id
             started = perf()
+            result_buffers: list[pickle.PickleBuffer] = []
             try:
                 call = loads(payload, big[0] if big else None)  # (fn, args) or (fn, args, kwargs)
-                result = dumps(call[0](*call[1], **call[2]) if len(call) == 3 else call[0](*call[1]))
+                result = dumps(call[0](*call[1], **call[2]) if len(call) == 3 else call[0](*call[1]),
+                               result_buffers)
                 status = OK
                 del call  # let go of shared-memory arguments now, so the caller can reuse the segment
             except BaseException as exc:
                 result, status = encode_error(exc), RAISED
+                result_buffers.clear()
             finished = perf()
             _current_task = None
-            self.results.append((task_id, status, result, finished - started))
+            self.results.append((task_id, status, result, finished - started, result_buffers or None))
             if finished - self.last_flush > FLUSH_EVERY:
                 self.flush()
 
@@ -218,7 +222,6 @@ def main() -> None:
     except ChannelClosed:
         return  # the pool closed before we started: nothing to do
     sys.path[:] = sys_path  # find what the caller finds, as multiprocessing's spawn does
-    parent.channel.zero_copy_threshold = None  # results are bytes nested in lists: always inline
     _worker.report_rss = report_rss
     _worker.started = memoryview(mmap.mmap(counter_fd, 8)).cast("Q")
     os.close(counter_fd)
