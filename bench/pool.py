@@ -145,10 +145,10 @@ def _get(r: Any, timeout: float = GET_TIMEOUT) -> Any:  # mpire's and multiproce
 
 def open_pool(kind: str, workers: int) -> Handle:
     """A fresh pool of ``kind`` with ``workers`` workers, not yet warmed."""
-    if kind == "forkio":
+    if kind.startswith("forkio"):
         import forkio
 
-        p = forkio.Pool(workers)
+        p = forkio.Pool(workers, spare_workers=1 if "spare" in kind else 0)
         return Handle(lambda fn, a: p.submit(fn, a), _result, lambda: p.shutdown(wait=True), p)
     if kind.startswith("PPE"):
         import multiprocessing as mp
@@ -450,6 +450,12 @@ def s5_recovery(kind: str, workers: int) -> dict[str, float]:
         if kind == "forkio":
             pids = [row["pid"] for row in h.pool.stats() if row["pid"]]
         else:  # whoever answers: a pair of distinct pids from two concurrent tasks
+            if kind.startswith("forkio"):  # with a spare: wait until it is up too, then ask who works
+                deadline = time.perf_counter() + 10
+                while len([r for r in h.pool.stats() if r["ready"]]) < workers + 1:
+                    if time.perf_counter() > deadline:
+                        raise TimeoutError("the spare worker did not start")
+                    time.sleep(0.005)
             from pool_tasks import pid_sleep
 
             pids = wait_all([h.submit(pid_sleep, 0.02) for _ in range(workers)], h.get)
@@ -731,7 +737,8 @@ def main() -> int:
         if "5" in only:
             if "4" not in only:  # the same warm-up as scenario 4's
                 run_guarded(lambda: s4_start("forkio", w))
-            contenders = {k: (lambda k=k: s5_recovery(k, w)) for k in ("forkio", "pebble", "loky", "PPE")}
+            contenders = {k: (lambda k=k: s5_recovery(k, w))
+                          for k in ("forkio", "forkio spare_workers=1", "pebble", "loky", "PPE")}
             data = run_rounds("5. recovery after SIGKILL", contenders, mode["s5_rounds"], hygiene)
             md, summ = table(f"5. Recovery: SIGKILL an idle worker → {w} concurrent `sleep(0)` tasks done on "
                              f"{w} distinct live workers (target {TARGETS['s5']})", data, "ms", False,

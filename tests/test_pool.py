@@ -375,3 +375,18 @@ def test_big_array_results_travel_through_shared_memory(pool: Pool) -> None:
     assert tasks.in_band(pool.submit(tasks.make_array, 10).result(timeout=30))
     arrays = list(pool.map(tasks.make_array, [2 << 20] * 4))  # map's chunks too
     assert all(np.array_equal(a, np.arange(2 << 20, dtype=np.float64)) for a in arrays)
+
+
+def test_spare_worker_stands_in_when_one_dies() -> None:
+    """With spare_workers=1 the next task after a death runs on the spare, already started."""
+    with Pool(1, spare_workers=1) as pool:
+        deadline = time.monotonic() + 30
+        while len([r for r in pool.stats() if r["ready"]]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pids = {row["pid"] for row in pool.stats()}
+        busy = {pool.submit(tasks.pid_of).result(timeout=30) for _ in range(10)}
+        assert len(busy) == 1  # only one worker takes work
+        (spare,) = pids - busy
+        os.kill(busy.pop(), signal.SIGKILL)
+        assert pool.submit(tasks.pid_of).result(timeout=30) == spare

@@ -180,3 +180,17 @@ def test_skipped_cancelled_tasks_do_not_stall_results() -> None:
     actions = sched.task_finished(w0, 2, True, "c", 1e-5)
     assert [(a.task, a.value) for a in actions if isinstance(a, Resolve)] == [(tasks[2], "c")]
     assert w0.consumed == 3
+
+
+def test_a_spare_worker_takes_no_work_until_one_dies() -> None:
+    sched = Scheduler(1)
+    w0, spare = Worker(0), Worker(1)
+    for w in (w0, spare):
+        sched.add_worker(w)
+        sched.worker_ready(w)
+    sched.avg_seconds = 0.5
+    first, second = Task(1, b""), Task(2, b"")
+    assert _submit(sched, first, second) == [Dispatch(w0, [first])]
+    assert not spare.assigned
+    sched.worker_died(w0, Failure("crashed", w0, -9), started=1)
+    assert sched.dispatch(1.0) == [Dispatch(spare, [second])]

@@ -127,6 +127,9 @@ class _Proc:
 class Pool(Executor):
     """A pool of worker processes: crash isolation, timeouts that stop the task, retries, recycling.
 
+    ``spare_workers`` keeps that many extra workers started and idle, to take over at once
+    when a worker dies or is stopped (recovery without waiting for a new process).
+
     ``submit``/``map``/``shutdown`` are ``concurrent.futures.Executor``'s, so
     ``loop.run_in_executor(pool, fn, x)`` works. ``pool.options(timeout=..., retries=...,
     on_message=..., on_progress=...)`` sets them for some tasks; ``await pool.run(fn, ...)``
@@ -136,13 +139,16 @@ class Pool(Executor):
     def __init__(self, workers: int | None = None, *, preload: tuple[str, ...] = (),
                  initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
                  task_timeout: float | None = None, retries: int = 0,
-                 max_tasks_per_worker: int | None = None, max_memory_per_worker: int | None = None) -> None:
+                 max_tasks_per_worker: int | None = None, max_memory_per_worker: int | None = None,
+                 spare_workers: int = 0) -> None:
         if workers is None:
             workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         if workers < 1:
             raise ValueError("workers must be at least 1")
         if retries < 0:
             raise ValueError("retries must be >= 0")
+        if spare_workers < 0:
+            raise ValueError("spare_workers must be >= 0")
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be positive")
         for name, limit in (("max_tasks_per_worker", max_tasks_per_worker),
@@ -174,7 +180,8 @@ class Pool(Executor):
         self.restarts = 0
         self._manager = threading.Thread(target=self._run, name="forkio-pool", daemon=True)
         self._manager.start()
-        self._post(("spawn", workers))
+        self.spare_workers = spare_workers
+        self._post(("spawn", workers + spare_workers))
 
     # ---- the caller's side ------------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:

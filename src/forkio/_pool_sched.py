@@ -238,7 +238,7 @@ class Scheduler:
         # starting, so the first worker up does not take everything and none idles at the tail.
         alive = [w for w in self.workers.values() if not w.retiring]
         in_hand = sum(len(w.assigned) for w in alive)
-        fair_share = math.ceil((len(self.queue) + in_hand) / (len(alive) or 1))
+        fair_share = math.ceil((len(self.queue) + in_hand) / (min(len(alive), self.size) or 1))
         return max(1, min(wanted, MAX_BATCH, fair_share))
 
     def dispatch(self, now: float) -> list[Action]:
@@ -248,11 +248,12 @@ class Scheduler:
         if not self.queue:
             return actions + self._retire_idle() if self.closing else actions
         batch_size = self._batch_size()
-        for worker in self.workers.values():
+        usable = [w for w in self.workers.values() if w.ready and not w.retiring and not w.stopping]
+        # Only the oldest ``size`` take work: any beyond are spares, ready to stand in the moment
+        # one of those dies or is being stopped.
+        for worker in usable[:self.size]:
             if not self.queue:
                 break
-            if not worker.ready or worker.retiring or worker.stopping:
-                continue
             room = batch_size - len(worker.assigned)
             if self.max_tasks is not None:
                 room = min(room, self.max_tasks - worker.tasks_done - len(worker.assigned))
