@@ -48,6 +48,12 @@ def test_all_ok_exits_zero_and_ordered_keeps_order(tmp_path: Path) -> None:
     assert [r["input"] for r in records(out.read_text())] == inputs
 
 
+def test_inputs_and_options_in_any_order() -> None:
+    result = forkio_cli("map", f"{TASKS}:shout", "a", "--ordered", "b", "-j", "1", "c")
+    assert result.returncode == 0, result.stderr
+    assert [r["result"] for r in records(result.stdout)] == ["A", "B", "C"]
+
+
 def test_jsonl_input_from_stdin() -> None:
     result = forkio_cli("map", f"{TASKS}:double", "--jsonl", "--ordered", stdin='{"n": 2}\n3\n"ab"\n')
     assert result.returncode == 0, result.stderr
@@ -81,7 +87,7 @@ def test_resume_skips_what_was_answered(tmp_path: Path) -> None:
     ([f"{TASKS}:shout", "--timeout", "-1", "x"], "must be more than 0"),
     ([f"{TASKS}:shout", "--input", "/nonexistent/file"], "cannot read"),
     ([f"{TASKS}:shout", "x", "--resume"], "--resume needs --output"),
-    ([f"{TASKS}:shout", "{bad", "--jsonl"], "not JSON"),
+    ([f"{TASKS}:shout", "--jsonl", "{bad"], "not JSON"),
 ])
 def test_bad_usage_is_one_line_and_status_2(args: list[str], message: str) -> None:
     result = forkio_cli("map", *args)

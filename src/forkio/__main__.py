@@ -39,13 +39,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``forkio`` command."""
     cli = parser()
     commands = cli.add_subparsers(dest="command", required=True)
-    add_map_command(commands)
+    map_parser = add_map_command(commands)
     demo = commands.add_parser("demo", help="fork a few children and exchange messages with them")
     demo.add_argument("--children", type=int, default=3)
     demo.add_argument("--jobs", type=int, default=6)
     demo.set_defaults(run=_demo)
+    words = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = cli.parse_args(argv)
+        if words[:1] == ["map"]:
+            # Inputs and options in any order (forkio map f a --timeout 5 b), as users type them.
+            args = map_parser.parse_intermixed_args(words[1:])
+        else:
+            args = cli.parse_args(words)
         return int(args.run(args))
     except UsageError as exc:
         print(f"forkio: error: {exc}", file=sys.stderr)

@@ -51,8 +51,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def add_map_command(commands: Any) -> None:
-    """Declare ``forkio map`` and its options."""
+def add_map_command(commands: Any) -> argparse.ArgumentParser:
+    """Declare ``forkio map`` and its options; returns its parser."""
     cmd = commands.add_parser(
         "map", help="run MODULE:FUNCTION over many inputs in parallel, crash-isolated",
         description="Run a Python function over many inputs in a pool of worker processes. Each input's "
@@ -79,6 +79,7 @@ def add_map_command(commands: Any) -> None:
                           help="always show the progress bar (default: only on a terminal)")
     progress.add_argument("--no-progress", dest="progress", action="store_false")
     cmd.set_defaults(run=run_map)
+    return cmd  # type: ignore[no-any-return]
 
 
 def load_function(spec: str) -> Callable[..., Any]:
