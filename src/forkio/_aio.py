@@ -24,8 +24,9 @@ class AsyncEndpoint:
     a ``recv`` returns them.
     """
 
-    def __init__(self, channel: Channel | None) -> None:
+    def __init__(self, channel: Channel | None, reason: str = "no channel") -> None:
         self._channel = channel
+        self._reason = reason  # why there is no channel, for the error when there is none
         self._outgoing: deque[_Outgoing] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
@@ -35,7 +36,7 @@ class AsyncEndpoint:
     @property
     def channel(self) -> Channel:
         if self._channel is None:
-            raise ChannelClosed("no channel")
+            raise ChannelClosed(self._reason)
         return self._channel
 
     @property

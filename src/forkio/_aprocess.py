@@ -14,7 +14,7 @@ from . import _parent
 from ._aio import AsyncEndpoint, _resolve
 from ._channel import Channel
 from ._codec import DEFAULT_MAX_FRAME
-from ._errors import ChannelClosed, WaitTimeout
+from ._errors import WaitTimeout
 from ._launch import LaunchSpec, ProcessHandle, build_spec, submit_start
 from ._process import DEFAULT_GRACE, _Process
 
@@ -44,16 +44,16 @@ class AsyncChildProcess(_Process, AsyncEndpoint):
     async def close(self, grace: float = DEFAULT_GRACE) -> int:
         """Disconnect, wait ``grace`` seconds, then stop the child (TERM, then KILL)."""
         self.disconnect()
-        for sig, wait_for in ((None, grace), (self.kill_signal, 1.0), (signal.SIGKILL, None)):
+        for sig, wait_for in self._stop_steps(grace):
             if sig is not None:
                 self.kill(sig)
             try:
                 code = await self.wait(wait_for)
             except WaitTimeout:
                 continue
-            self._release_sentinel()
+            self._release()
             return code
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable: the last step waits without a limit")
 
     async def __aenter__(self) -> AsyncChildProcess:
         return self
@@ -98,16 +98,6 @@ async def afork(script: str | os.PathLike[str] | None = None, args: Sequence[str
 
 class AsyncParent(AsyncEndpoint):
     """The channel to the parent process, for asyncio code: ``await aparent.recv()``."""
-
-    def __init__(self, channel: Channel | None, reason: str) -> None:
-        super().__init__(channel)
-        self._reason = reason
-
-    @property
-    def channel(self) -> Channel:
-        if self._channel is None:
-            raise ChannelClosed(self._reason)
-        return self._channel
 
     def __repr__(self) -> str:
         return "<forkio.aparent>" if self._channel is not None else "<forkio.aparent (not forked)>"

@@ -26,9 +26,10 @@ class Endpoint(EventEmitter):
 
     _events: tuple[str, ...] = ("message", "disconnect", "error")
 
-    def __init__(self, channel: Channel | None) -> None:
+    def __init__(self, channel: Channel | None, reason: str = "no channel") -> None:
         super().__init__()
         self._channel = channel
+        self._reason = reason  # why there is no channel, for the error when there is none
         self._reader: threading.Thread | None = None
         self._disconnect_lock = threading.Lock()
         self._disconnect_emitted = False
@@ -36,11 +37,8 @@ class Endpoint(EventEmitter):
     @property
     def channel(self) -> Channel:
         if self._channel is None:
-            raise ChannelClosed(self._no_channel_reason())
+            raise ChannelClosed(self._reason)
         return self._channel
-
-    def _no_channel_reason(self) -> str:
-        return "no channel"
 
     @property
     def connected(self) -> bool:

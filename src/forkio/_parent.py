@@ -38,13 +38,6 @@ def _take_channel_from_environment() -> tuple[Channel | None, str]:
 class Parent(Endpoint):
     """The channel to the parent process (sync). ``connected`` is False outside a forked child."""
 
-    def __init__(self, channel: Channel | None, reason: str) -> None:
-        super().__init__(channel)
-        self._reason = reason
-
-    def _no_channel_reason(self) -> str:
-        return self._reason
-
     @property
     def serialization(self) -> str | None:
         """``"pickle"`` or ``"json"``; None without a channel."""

@@ -36,7 +36,7 @@ from ._pool_sched import (
     Task,
     Worker,
 )
-from ._pool_worker import OK, dumps
+from ._pool_worker import OK, dumps, rss_of
 from ._process import ChildProcess, fork
 
 KILL_GRACE = 0.2  # seconds between SIGTERM and SIGKILL when a task must be stopped
@@ -268,7 +268,7 @@ class Pool(Executor):
         for proc in list(self._procs.values()):
             state = proc.state
             rows.append({"pid": state.pid, "tasks_done": state.tasks_done, "failures": state.failures,
-                         "rss": _rss_of(state.pid) if state.pid else None, "ready": state.ready})
+                         "rss": rss_of(state.pid) if state.pid else None, "ready": state.ready})
         return rows
 
     def __repr__(self) -> str:
@@ -631,14 +631,6 @@ def _anonymous_file() -> int:
 
     with tempfile.TemporaryFile() as f:
         return os.dup(f.fileno())
-
-
-def _rss_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return None
 
 
 def _main_path() -> str | None:

@@ -119,9 +119,13 @@ def report(message: Any) -> None:
     parent.send(("message", _current_task, message))
 
 
-def _rss() -> int:
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def rss_of(pid: int | str = "self") -> int | None:
+    """Resident memory of a process in bytes (Linux ``/proc``); None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
 
 
 class _Worker:
@@ -134,7 +138,7 @@ class _Worker:
 
     def flush(self) -> None:
         if self.results:
-            rss = _rss() if self.report_rss else None
+            rss = rss_of() if self.report_rss else None
             parent.send(("results", self.results, rss))
             self.results = []
         self.last_flush = time.perf_counter()

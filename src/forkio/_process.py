@@ -88,6 +88,17 @@ class _Process:
             return False
         return True
 
+    def _stop_steps(self, grace: float) -> tuple[tuple[int | None, float | None], ...]:
+        """How ``close()`` stops a child: wait ``grace`` s, then ``kill_signal`` and 1 s, then SIGKILL."""
+        return ((None, grace), (self.kill_signal, 1.0), (signal.SIGKILL, None))
+
+    def _release(self) -> None:
+        """After the exit: close the stdio pipes and the sentinel."""
+        for stream in (self.stdin, self.stdout, self.stderr):
+            if stream is not None:
+                stream.close()
+        self._release_sentinel()
+
     def _arm_timeout(self, timeout: float | None) -> None:
         if timeout is not None:
             self._timer = threading.Timer(timeout, self.kill, (self.kill_signal,))
@@ -177,19 +188,16 @@ class ChildProcess(_Process, Endpoint):
     def close(self, grace: float = DEFAULT_GRACE) -> int:
         """Disconnect, give the child ``grace`` seconds to exit, then stop it (TERM, then KILL)."""
         self.disconnect()
-        for sig, wait_for in ((None, grace), (self.kill_signal, 1.0), (signal.SIGKILL, None)):
+        for sig, wait_for in self._stop_steps(grace):
             if sig is not None:
                 self.kill(sig)
             try:
                 code = self.wait(wait_for)
-                break
             except WaitTimeout:
                 continue
-        for stream in (self.stdin, self.stdout, self.stderr):
-            if stream is not None:
-                stream.close()
-        self._release_sentinel()
-        return code
+            self._release()
+            return code
+        raise AssertionError("unreachable: the last step waits without a limit")
 
     def __enter__(self) -> ChildProcess:
         return self
@@ -217,7 +225,7 @@ def fork(script: str | os.PathLike[str] | None = None, args: Sequence[str] = (),
     Unless ``detached``, the child exits when this process dies.
 
     ``start="auto"`` clones a Python child from a zygote (a clean interpreter with forkio and the
-    ``preload`` modules already imported: about a millisecond) where that is safe, and execs a
+    ``preload`` modules already imported: a few milliseconds) where that is safe, and execs a
     fresh interpreter otherwise; ``"zygote"`` insists, ``"exec"`` never uses one. ``preload``
     defaults to ``forkio.set_preload(...)``'s list. ``child.start_method`` says which it was.
     """
