@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import psutil
 
@@ -19,3 +20,13 @@ def gone(pid: int, within: float = 0.0) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
+
+
+def feed_in_chunks(decoder: Any, stream: bytes, cuts: list[int]) -> list[Any]:
+    """Feed ``stream`` to a codec's decoder cut at ``cuts`` (taken modulo its length); the messages out."""
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    out, start = [], 0
+    for point in [*points, len(stream)]:
+        out += [item[0] for item in decoder.feed(stream[start:point])]
+        start = point
+    return out

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from forkio import ProtocolError, SerializationError
 from forkio._codec import JsonCodec, PickleCodec, is_internal
+from helpers import feed_in_chunks
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False)
@@ -21,15 +22,6 @@ json_values = st.recursive(
 )
 
 
-def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    pieces, start = [], 0
-    for p in [*points, len(data)]:
-        pieces.append(data[start:p])
-        start = p
-    return pieces
-
-
 @settings(max_examples=60, deadline=None)
 @given(st.lists(json_values, min_size=1, max_size=6), st.lists(st.integers(0, 10_000), max_size=8))
 def test_pickle_frames_survive_any_chunking(messages: list[object], cuts: list[int]) -> None:
@@ -37,7 +29,7 @@ def test_pickle_frames_survive_any_chunking(messages: list[object], cuts: list[i
     codec = PickleCodec()
     stream = b"".join(codec.encode(m) for m in messages)
     decoder = codec.decoder()
-    out = [item[0] for chunk in _chunks(stream, cuts) for item in decoder.feed(chunk)]
+    out = feed_in_chunks(decoder, stream, cuts)
     assert out == messages
     assert decoder.pending == 0
 
@@ -49,7 +41,7 @@ def test_json_lines_survive_any_chunking(messages: list[object], cuts: list[int]
     codec = JsonCodec()
     stream = b"".join(codec.encode(m) for m in messages)
     decoder = codec.decoder()
-    out = [item[0] for chunk in _chunks(stream, cuts) for item in decoder.feed(chunk)]
+    out = feed_in_chunks(decoder, stream, cuts)
     assert out == messages
 
 
@@ -140,6 +132,6 @@ def test_large_frames_fill_their_own_buffer_whatever_the_chunks(cuts: list[int],
         messages += [{"small": i}, "x" * (1_200_000 + i), b"y" * 300]
     stream = b"".join(codec.encode(m) for m in messages)
     decoder = codec.decoder()
-    out = [item[0] for chunk in _chunks(stream, cuts) for item in decoder.feed(chunk)]
+    out = feed_in_chunks(decoder, stream, cuts)
     assert out == messages
     assert decoder.pending == 0

@@ -24,6 +24,7 @@ from forkio import SerializationError, _shm
 from forkio._aio import AsyncEndpoint
 from forkio._channel import Channel
 from forkio._codec import HEADER, PickleCodec
+from helpers import feed_in_chunks
 
 MB = 1024 * 1024
 
@@ -267,12 +268,7 @@ def test_frames_with_inline_buffers_survive_any_chunking(messages: list[Any], cu
     """Out-of-band buffers kept inside the frame decode exactly however the stream is cut."""
     codec = PickleCodec()
     stream = b"".join(codec.encode(m) for m in messages)
-    decoder = codec.decoder()
-    points = sorted({c % (len(stream) + 1) for c in cuts})
-    out, start = [], 0
-    for p in [*points, len(stream)]:
-        out += [item[0] for item in decoder.feed(stream[start:p])]
-        start = p
+    out = feed_in_chunks(codec.decoder(), stream, cuts)
     assert len(out) == len(messages)
     for got, sent in zip(out, messages, strict=True):
         assert len(got) == len(sent)
