@@ -215,12 +215,16 @@ class _Launcher:
     def _run(self) -> None:
         while True:
             job, future = self._jobs.get()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(job())
-            except BaseException as exc:
-                future.set_exception(exc)
+            if future.set_running_or_notify_cancel():
+                _settle(future, job)
+
+
+def _settle(future: Future[Any], job: Callable[[], Any]) -> None:
+    """Run ``job`` and put its result, or its exception, into ``future``."""
+    try:
+        future.set_result(job())
+    except BaseException as exc:
+        future.set_exception(exc)
 
 
 _launcher = _Launcher()
@@ -234,18 +238,11 @@ def _run_in_launcher(job: Callable[[], Any]) -> Any:
 
 def submit_start(spec: LaunchSpec) -> Future[tuple[ProcessHandle, socket.socket, str]]:
     """``start`` without waiting: for the asyncio face."""
+    if spec.start != "zygote":
+        return _launcher.submit(lambda: start(spec))
+    # Not on the launcher: asking a zygote may mean waiting for one to start, which the
+    # launcher itself does (another thread could be waiting for it to, holding the registry).
     future: Future[tuple[ProcessHandle, socket.socket, str]] = Future()
-
-    def job() -> None:
-        try:
-            future.set_result(start(spec))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    if spec.start == "zygote":
-        # Not on the launcher: asking a zygote may mean waiting for one to start, which the
-        # launcher itself does (another thread could be waiting for it to, holding the registry).
-        threading.Thread(target=job, name="forkio-zygote-request", daemon=True).start()
-    else:
-        _launcher.submit(job)
+    threading.Thread(target=_settle, args=(future, lambda: start(spec)), name="forkio-zygote-request",
+                     daemon=True).start()
     return future
