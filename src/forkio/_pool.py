@@ -444,7 +444,7 @@ class Pool(Executor):
     def _start_worker(self, worker: Worker) -> None:
         """In a short-lived thread, so a slow start never stalls the manager."""
         try:
-            child: ChildProcess | BaseException = fork(module="forkio._pool_main", **_preload_option(self._preload))
+            child: ChildProcess | BaseException = fork(module="forkio._pool_main", preload=self._preload or None)
         except BaseException as exc:
             child = exc
         self._post(("spawned", worker, child))
@@ -650,14 +650,6 @@ def _has_cloudpickle() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _preload_option(preload: tuple[str, ...]) -> dict[str, Any]:
-    import inspect
-
-    if preload and "preload" in inspect.signature(fork).parameters:
-        return {"preload": preload}
-    return {}
 
 
 def _message_handler(on_message: Callable[[Any], None] | None,
