@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import itertools
 import mmap
+import operator
 import os
 import pickle
 import selectors
@@ -97,16 +98,10 @@ class TaskFuture(Future[Any]):
         self._task: Task | None = task
 
     def running(self) -> bool:
-        task = self._task
-        if task is None or task.sent_to is None:
+        task, pool = self._task, self._pool
+        if task is None or pool is None or self.done():
             return False
-        proc, ordinal = task.sent_to
-        # The worker bumps its shared counter as it starts each task: it began this one once
-        # the count reaches the task's place in what was sent to it.
-        try:
-            return not self.done() and proc.started() >= ordinal
-        except ValueError:  # its worker is gone (counter unmapped): the task waits for another
-            return False
+        return pool._started(task)
 
     def _invoke_callbacks(self) -> None:
         # Callbacks run in the pool's thread: one that raises anything, SystemExit included,
@@ -171,7 +166,6 @@ class _Proc:
         # offsets of such frames in ``outbox``, in order, with their fds.
         self.outbox = bytearray()
         self.marks: deque[tuple[int, list[int]]] = deque()
-        self.sent = 0  # tasks written to the worker: the next one is its (sent + 1)-th to start
         self.stop_at: float | None = None  # when SIGTERM was sent, to escalate to SIGKILL
         self.retired = False
 
@@ -274,9 +268,13 @@ class Pool(Executor):
         with wake.lock:
             # Checked again under the lock shutdown() takes: a task either precedes the close
             # in the manager's inbox, and runs, or is refused here. None is left behind.
+            # (Open, so the wake-up pipe is too: what follows is post_locked(), inlined.)
             if self._closed:
                 raise self._refusal()
-            wake.post_locked(("submit", task))
+            wake.inbox.append(("submit", task))
+            if not wake.pending:
+                wake.pending = True
+                os.write(wake.w, b"x")
         return future
 
     def _refusal(self) -> PoolClosed:
@@ -460,6 +458,20 @@ class Pool(Executor):
                     proc.state.assigned.clear()
                     proc.child.kill(signal.SIGKILL)
 
+    def _started(self, task: Task) -> bool:
+        """Whether a worker has begun ``task`` (for ``TaskFuture.running``, from any thread:
+        a snapshot, read without stopping the manager)."""
+        for proc in list(self._procs.values()):
+            state = proc.state
+            try:
+                at = state.assigned.index(task)
+                return at <= proc.started() - state.consumed - 1
+            except ValueError:  # not this worker's (or its counter is gone with it)
+                continue
+            except RuntimeError:  # the manager changed its queue meanwhile: it is not running yet
+                return False
+        return False
+
     def _started_of(self, worker: Worker) -> int | None:
         proc = self._procs.get(worker.id)
         return proc.started() if proc is not None else None
@@ -500,11 +512,13 @@ class Pool(Executor):
     def _dispatch(self, proc: _Proc, tasks: list[Task]) -> None:
         """Write tasks to a worker, in order. A task with big buffers gets a frame of its own, so
         that when its shared segment cannot be made (no fd, no room in /dev/shm) it fails alone."""
+        if not any(map(_buffers_of, tasks)):
+            self._send(proc, ("tasks", [(task.id, task.payload) for task in tasks]))
+            return
         plain: list[tuple[int, bytes]] = []
         for task in tasks:
             if not task.buffers:
                 plain.append((task.id, task.payload))
-                self._note_sent(proc, task)
                 continue
             if plain:
                 self._send(proc, ("tasks", plain))
@@ -517,15 +531,8 @@ class Pool(Executor):
                 if error is not exc:
                     error.__cause__ = exc
                 self._apply(self._sched.unsent(proc.state, task, error))
-                continue
-            self._note_sent(proc, task)
         if plain:
             self._send(proc, ("tasks", plain))
-
-    @staticmethod
-    def _note_sent(proc: _Proc, task: Task) -> None:
-        proc.sent += 1
-        task.sent_to = (proc, proc.sent)
 
     def _failure_error(self, failure: Failure) -> BaseException:
         pid = failure.worker.pid or 0 if failure.worker is not None else 0
@@ -547,7 +554,6 @@ class Pool(Executor):
 
     def _resolve(self, task: Task, ok: bool, value: Any, *, cause: BaseException | None = None) -> None:
         self._tasks.pop(task.id, None)
-        task.sent_to = None
         future = task.future
         future._task = None  # break the Task <-> Future cycle: both are freed by refcount, not the GC
         future._pool = None  # a kept future does not keep a finished pool (and its workers) alive
@@ -731,8 +737,6 @@ class Pool(Executor):
             return
         self.restarts += 1
         state = proc.state
-        for task in state.assigned:
-            task.sent_to = None  # whatever runs again is sent again, elsewhere
         kind = "crashed" if state.ready else "start"
         self._apply(self._sched.worker_died(state, Failure(kind, state, code), started, time.monotonic()))
 
@@ -844,6 +848,7 @@ class _Wake:
         return leftovers
 
 
+_buffers_of = operator.attrgetter("buffers")
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 

@@ -47,7 +47,6 @@ class Task:
     cancelled: bool = False
     deadline: float | None = None
     buffers: list[Any] | None = None  # big argument buffers, sent apart through shared memory
-    sent_to: Any = None  # the I/O layer's note of where it went (for ``Future.running()``)
 
 
 @dataclass(eq=False)
@@ -177,9 +176,15 @@ class Scheduler:
 
     def task_finished(self, worker: Worker, task_id: int, ok: bool, value: Any, seconds: float) -> list[Action]:
         actions: list[Action] = []
-        task = self._take(worker, task_id)
-        if task is None:
-            return actions  # a result for a task we already gave up on
+        assigned = worker.assigned
+        if assigned and assigned[0].id == task_id:  # the usual case, first
+            task = assigned.popleft()
+            worker.consumed += 1
+        else:
+            taken = self._take(worker, task_id)
+            if taken is None:
+                return actions  # a result for a task we already gave up on
+            task = taken
         worker.tasks_done += 1
         if not ok:
             worker.failures += 1
@@ -188,7 +193,8 @@ class Scheduler:
             actions.append(Resolve(task, ok, value))
         if not worker.retiring and self._worn_out(worker):
             worker.retiring = True
-        actions.extend(self._retire_if_done(worker))
+        if worker.retiring:
+            actions.extend(self._retire_if_done(worker))
         return actions
 
     def task_skipped(self, worker: Worker, task_id: int) -> list[Action]:
@@ -384,7 +390,7 @@ class Scheduler:
                 if task.timeout is not None and (worker.assigned or sent):
                     break  # a task with a deadline runs alone, so its clock starts when it starts
                 size += len(task.payload)
-                if sent and size > MAX_BATCH_BYTES:
+                if size > MAX_BATCH_BYTES and sent:
                     break
                 self.queue.popleft()
                 if task.timeout is not None:
