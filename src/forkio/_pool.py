@@ -48,6 +48,7 @@ from ._pool_sched import (
 )
 from ._pool_worker import MAX_PAYLOAD, OK, SKIPPED, dumps, rss_of
 from ._process import ChildProcess, fork
+from ._zygote import ZygoteError
 
 KILL_GRACE = 0.2  # seconds between SIGTERM and SIGKILL when a task must be stopped
 _UNSET: Any = object()
@@ -908,7 +909,7 @@ def _transient(error: BaseException) -> bool:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
             return True
-        if type(exc).__name__ == "ZygoteError" and "Resource temporarily unavailable" in str(exc):
+        if isinstance(exc, ZygoteError):  # the zygote could not clone just now (it falls back, or recovers)
             return True
         exc = exc.__cause__ or exc.__context__
     return False
