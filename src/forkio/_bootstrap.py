@@ -11,6 +11,7 @@ child, and the target then runs here through the same lines.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]
 import os
 import runpy
 import signal
@@ -21,10 +22,22 @@ from typing import Any
 _run_module_code: Any = getattr(runpy, "_run_module_code", None)
 
 
-def arm_parent_death_signal(parent_pid: int, signum: int = signal.SIGTERM) -> None:
-    """Linux: get ``signum`` when the parent dies; exit now if it already has."""
+def parent_death_signal(term_ignored: bool) -> int:
+    """The signal a child gets when its parent dies: SIGTERM, so that it can clean up as it ends;
+    SIGKILL when SIGTERM would not end it, because it came ignored or blocked from the parent
+    (exec keeps both): a parent's dispositions must never keep its children alive after it."""
+    if term_ignored or signal.SIGTERM in _signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+        return signal.SIGKILL
+    return signal.SIGTERM
+
+
+def arm_parent_death_signal(parent_pid: int, signum: int | None = None) -> None:
+    """Linux: get ``signum`` (``parent_death_signal()``'s by default) when the parent dies; exit now
+    if it already has."""
     if not sys.platform.startswith("linux"):
         return
+    if signum is None:
+        signum = parent_death_signal(_signal.getsignal(signal.SIGTERM) == _signal.SIG_IGN)
     import ctypes
 
     pr_set_pdeathsig = 1
