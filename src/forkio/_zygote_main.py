@@ -170,7 +170,7 @@ def serve(argv: list[str]) -> tuple[str, str, list[str], Any]:
         rid = request["id"]  # echoed in the answer: the parent ignores answers to earlier requests
         try:
             state.prepare(request, fds)
-            go = os.pipe()  # see _State.become: the child starts once the parent knows its pid
+            go = list(os.pipe())  # see _State.become: the child starts once the parent knows its pid
         except BaseException as exc:  # the request cannot be honoured (a bad cwd...): say what exec would
             state.after_fork(failed=True)
             control.send({"id": rid, "error": exc if isinstance(exc, Exception) else RuntimeError(repr(exc))})
@@ -307,7 +307,7 @@ class _State:
         for fd in (0, 1, 2):
             os.dup2(self.devnull, fd)
 
-    def become(self, control: Channel, request: dict[str, Any], go: tuple[int, int]
+    def become(self, control: Channel, request: dict[str, Any], go: list[int]
                ) -> tuple[str, str, list[str], Any]:
         """In the child, right after the clone: what only the child can do.
 
