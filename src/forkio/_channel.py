@@ -29,6 +29,9 @@ from ._errors import ChannelClosed, ProtocolError, SerializationError, WaitTimeo
 from ._handles import Handle, close_fds, handle_fd, rebuild_handle
 
 RECV_SIZE = 64 * 1024
+# A forkio child that fails before its target's first line (a syntax error, a module not found)
+# says why in this internal message before it exits. NODE_ prefix: a Node parent ignores it.
+STARTUP_FAILED = "NODE_FORKIO_STARTUP_FAILED"
 _MAX_FDS_PER_READ = 64
 _ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS_PER_READ * 4)
 # Plain ints: or-ing the socket module's IntFlag members costs a microsecond per read.
@@ -76,6 +79,8 @@ class Channel:
         self._eof = False
         self._closed = False
         self._broken: BaseException | None = None
+        #: What the peer said about failing to start (``STARTUP_FAILED``), once received.
+        self.peer_failure: str | None = None
         # Used only by the one thread reading at a time, for recv(timeout=...).
         self._in_poll = select.poll()
         self._in_poll.register(sock, select.POLLIN)
@@ -307,6 +312,8 @@ class Channel:
                 pass
             self._inbox.append((msg.get("msg"), fds, handle_kind, False, None))
         else:
+            if isinstance(msg, dict) and msg.get("cmd") == STARTUP_FAILED:
+                self.peer_failure = str(msg.get("error"))
             close_fds(fds)
 
     def _map_segment(self, fd: int, reusable: bool) -> memoryview:
@@ -336,7 +343,21 @@ class Channel:
             raise ChannelClosed("channel is closed")
         if self._broken is not None and not isinstance(self._broken, ProtocolError):
             raise ChannelClosed("channel is broken") from self._broken
+        if self.peer_failure is not None:
+            raise ChannelClosed(f"peer closed the channel: it failed to start: {self.peer_failure}")
         raise ChannelClosed("peer closed the channel")
+
+    def read_pending(self) -> None:
+        """Decode what has arrived, without waiting (and not at all while another thread reads)."""
+        if self._read_lock.acquire(blocking=False):
+            try:
+                while self.connected and self.read_available():
+                    pass
+            finally:
+                self._read_lock.release()
+            if self._waiting:
+                with self._cond:
+                    self._cond.notify_all()
 
     def pop_fds(self) -> tuple[Any, list[int]]:
         """Take the next decoded message with every fd that came with it (the caller owns them)."""

@@ -76,6 +76,24 @@ class _Process:
         return signal_name(-code) if code is not None and code < 0 else None
 
     @property
+    def startup_error(self) -> str | None:
+        """Why the child ended before running any of its target's code (a syntax error, a module
+        not found...), as the child reported it: ``"SyntaxError: ..."``; None otherwise.
+
+        Known once the child has exited (``"exit"`` listeners and ``wait()``'s callers can read it);
+        ``recv()`` raises ``ChannelClosed`` with the same text.
+        """
+        return self._startup_error()
+
+    def _startup_error(self) -> str | None:
+        channel: Channel | None = getattr(self, "_channel", None)  # the endpoint's (both faces have one)
+        if channel is None:
+            return None
+        if channel.peer_failure is None and channel.connected and self._popen.poll() is not None:
+            channel.read_pending()  # it is the first and last thing such a child sends
+        return channel.peer_failure
+
+    @property
     def killed(self) -> bool:
         return self.signal_code is not None
 
@@ -119,6 +137,9 @@ class _Process:
     def _describe(self, kind: str, connected: bool) -> str:
         code = self._popen.poll()
         state = "running" if code is None else describe_exit(code)
+        failure = self._startup_error() if code is not None else None
+        if failure:
+            state += f" (failed to start: {failure.splitlines()[-1]})"
         what = self._spec.label
         chan = "connected" if connected else "disconnected"
         return (f"<forkio.{kind} pid={self.pid} {what!r} {self._spec.serialization} {self.start_method} "
@@ -187,6 +208,7 @@ class ChildProcess(_Process, Endpoint):
         reader = self._reader
         if reader is not None:
             reader.join(1.0)  # let the reader deliver what the child sent before exiting
+        self._startup_error()  # known before the listeners run
         with self._exit_lock:
             if self._exit_emitted:
                 return

@@ -404,12 +404,8 @@ def _precompile(kind: str, target: str) -> tuple[Any, Any] | None:
     package is already imported; anything else (a directory, a zip, a package to import, a
     syntax error to report) is left to runpy in the child.
     """
-    import runpy
+    from ._bootstrap import code_from_file
 
-    from ._bootstrap import _run_module_code
-
-    if _run_module_code is None or not hasattr(runpy, "_get_code_from_file"):
-        return None
     try:
         if kind == "script":
             sys.path[0] = os.path.dirname(target)
@@ -421,7 +417,7 @@ def _precompile(kind: str, target: str) -> tuple[Any, Any] | None:
                 return cached[3], None  # the same file as last time (stricter than .pyc's check)
             if pkgutil.get_importer(target) is not None:
                 return None
-            code, _ = runpy._get_code_from_file("__main__", target)
+            code = code_from_file(target)
             if len(_compiled) > 64:
                 _compiled.clear()
             _compiled[target] = (st.st_ino, st.st_mtime_ns, st.st_size, code)
