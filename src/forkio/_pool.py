@@ -458,6 +458,8 @@ class Pool(Executor):
         proc = _Proc(worker, child)
         self._procs[worker.id] = proc
         self._sched.add_worker(worker)
+        # The manager must never wait on one worker: no backpressure on shared segments here.
+        child.channel.shm_in_flight_limit = None
         self._watch(child.channel.fileno(), proc)
         self._watch(proc.pidfd, proc)
         data, fds = child.channel.encode(self._init_message, proc.counter_fd)
