@@ -366,6 +366,11 @@ def main() -> None:
         pass  # the pool let us go
     # Leave at once, as multiprocessing's workers do: a full interpreter teardown (atexit,
     # module cleanup) costs the pool's shutdown milliseconds per worker and runs nothing of ours.
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        # A task used multiprocessing: a queue's feeder thread may still hold what a task put.
+        # Run its exit hooks, as multiprocessing's own workers do before their os._exit().
+        util._exit_function()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
