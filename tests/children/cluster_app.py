@@ -26,6 +26,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         return
     path = head.split(b" ", 2)[1].decode()
     if path.startswith("/sleep/"):
+        print(f"sleep start {os.getpid()}", flush=True)
         await asyncio.sleep(float(path.rsplit("/", 1)[1]))
     elif path.startswith("/block/"):
         time.sleep(float(path.rsplit("/", 1)[1]))  # blocks the loop, on purpose

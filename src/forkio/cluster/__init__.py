@@ -20,6 +20,7 @@ dies, even by SIGKILL, its workers exit at once. See docs/cluster.md.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -131,7 +132,7 @@ def supervise(settings: Settings, *, workers: int | None, target: tuple[str, str
         raise ValueError(f"workers must be >= 1, not {count}")
     supervisor = _primary(settings, target, preload, env, log)
     for address in binds:
-        supervisor.call(lambda address=address: supervisor.listen(address))
+        supervisor.call(functools.partial(supervisor.listen, address))
     restore = _handle_signals(supervisor) if threading.current_thread() is threading.main_thread() else {}
     try:
         supervisor.call(lambda: supervisor.set_count(count))
@@ -147,7 +148,7 @@ def supervise(settings: Settings, *, workers: int | None, target: tuple[str, str
 def _handle_signals(supervisor: Supervisor) -> dict[int, Any]:
     """Signal handlers that only queue what to do for the supervisor thread; the old ones, to restore."""
     def on_signal(signum: int, _frame: Any) -> None:
-        supervisor._calls.append((lambda: _act(supervisor, signum), _NoFuture()))
+        supervisor._calls.append((functools.partial(_act, supervisor, signum), _NoFuture()))  # type: ignore[arg-type]
         supervisor.wake()
 
     restore = {}

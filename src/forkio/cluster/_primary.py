@@ -286,7 +286,8 @@ class Supervisor:
         if worker.state == "dead":
             return
         grace = QUICK_GRACE if quick else self.settings.graceful_timeout
-        if worker._asked and (not quick or worker._kill_at is not None and worker._kill_at <= time.monotonic() + grace):
+        sooner = worker._kill_at is not None and worker._kill_at <= time.monotonic() + grace
+        if worker._asked and (not quick or sooner):  # asked already, with no less grace
             return
         worker._asked = True
         worker._counted = False

@@ -7,7 +7,7 @@ import os
 import socket
 import stat
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from .._errors import ForkioError
 
@@ -19,7 +19,7 @@ BOOT_WINDOW = 10.0  # ... within this many seconds stop the cluster
 
 # ("tcp", host, port) or ("unix", path): hashable, picklable, the same in primary and workers.
 Address = tuple[str, ...]
-AddressLike = Union[tuple[str, int], str, int]
+AddressLike = tuple[str, int] | str | int
 
 
 class ClusterError(ForkioError):
@@ -69,7 +69,7 @@ class Settings:
 
 
 def parse_address(address: AddressLike) -> Address:
-    """``("host", port)``, ``"host:port"``, ``port``, ``"unix:PATH"`` -> ``("tcp", host, port)`` / ``("unix", path)``."""
+    """Any accepted address form as ``("tcp", host, port)`` or ``("unix", path)``."""
     if isinstance(address, bool):
         raise ClusterError(f"not an address: {address!r}")
     if isinstance(address, int):
@@ -85,15 +85,15 @@ def parse_address(address: AddressLike) -> Address:
             if not path:
                 raise ClusterError(f"not an address: {address!r} (unix: needs a path)")
             return ("unix", os.path.abspath(path))
-        host, sep, port = address.rpartition(":")
+        host, sep, port_text = address.rpartition(":")
         if sep:
-            return ("tcp", host.strip("[]") or "0.0.0.0", str(_port(port)))
+            return ("tcp", host.strip("[]") or "0.0.0.0", str(_port(port_text)))
     raise ClusterError(f"not an address: {address!r} (expected (host, port), 'HOST:PORT', a port or 'unix:PATH')")
 
 
 def _port(port: object) -> int:
     try:
-        number = int(port)  # type: ignore[call-overload]
+        number = int(str(port))
     except (TypeError, ValueError):
         raise ClusterError(f"not a port: {port!r}") from None
     if not 0 <= number <= 65535:
