@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--children", type=int, default=3)
     demo.add_argument("--jobs", type=int, default=6)
     demo.set_defaults(run=_demo)
+    from .cluster._cli import add_commands as add_cluster_commands
+
+    add_cluster_commands(commands)  # forkio serve, forkio cluster
     words = list(sys.argv[1:] if argv is None else argv)
     try:
         if words[:1] == ["map"]:

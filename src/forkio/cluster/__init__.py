@@ -69,6 +69,7 @@ _side: WorkerSide | None = WorkerSide(int(_id_text), Settings.from_env(_settings
 _supervisor: Supervisor | None = None
 _supervisor_lock = threading.Lock()
 _early_listeners: list[tuple[str, Listener]] = []
+_defaults: dict[str, Any] = {}  # what `forkio cluster --workers ...` says, over the script's run() arguments
 
 
 def _primary(settings: Settings | None = None, target: tuple[str, str, list[str]] | None = None,
@@ -118,6 +119,12 @@ def run(serve: Callable[[], Any], *, workers: int | None = None, timeout: float 
     if _side is not None:
         _side.run(serve)
         return
+    given = {key: value for key, value in _defaults.items() if value is not None}
+    workers = given.get("workers", workers)
+    timeout = given.get("timeout", timeout)
+    graceful_timeout = given.get("graceful_timeout", graceful_timeout)
+    reuse_port = given.get("reuse_port") or reuse_port
+    log = given.get("log", log)
     settings = Settings(timeout=timeout, graceful_timeout=graceful_timeout, reuse_port=reuse_port,
                         wait_ready=wait_ready)
     supervise(settings, workers=workers, preload=preload, env=env, log=log)
