@@ -79,6 +79,9 @@ class App:
     def serving(self, n: int = 2, attempts: int = 400) -> set[int]:
         """Request until ``n`` different workers answered (bounded); their pids."""
         self.wait_for(lambda: self.out.count("listening") >= n)
+        return self.answering(n, attempts)
+
+    def answering(self, n: int, attempts: int = 400) -> set[int]:
         seen: set[int] = set()
         for _ in range(attempts):
             seen.add(int(get(self.port).split()[1]))

@@ -97,9 +97,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.max_requests_jitter < 0:
         raise UsageError("--max-requests-jitter must be >= 0")
     module = args.app.split(":", 1)[0]
-    settings = _settings(args, wait_ready=True, max_requests=args.max_requests, max_requests_jitter=args.max_requests_jitter,
-                         binds=binds, options={"app": args.app, "interface": args.interface,
-                                               "access_log": args.access_log})
+    settings = _settings(args, wait_ready=True, max_requests=args.max_requests,
+                         max_requests_jitter=args.max_requests_jitter, binds=binds,
+                         options={"app": args.app, "interface": args.interface, "access_log": args.access_log})
     from . import supervise
 
     sys.path.insert(0, os.getcwd())  # MODULE is found where the command runs, as uvicorn finds it

@@ -42,6 +42,27 @@ class _Server(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+FIRST_REQUEST_GRACE = 1.0
+
+
+async def _stop_gracefully(server: _Server) -> None:
+    """Stop accepting here, let just-accepted connections send their request, then stop uvicorn.
+
+    uvicorn's shutdown closes every connection without a request in progress, including one
+    accepted a moment ago whose request has not been read yet: that client would see its
+    connection closed without a response. Accepting stops first (the other workers take the
+    new connections), and those connections get up to a second to show their request; then
+    uvicorn's own shutdown finishes the requests in flight.
+    """
+    loop = asyncio.get_running_loop()
+    for listening in getattr(server, "servers", ()):
+        listening.close()  # closes this process's copy of the shared socket: the others keep accepting
+    deadline = loop.time() + FIRST_REQUEST_GRACE
+    while loop.time() < deadline and any(getattr(c, "cycle", True) is None for c in server.server_state.connections):
+        await asyncio.sleep(0.01)
+    server.should_exit = True
+
+
 def main() -> None:
     if _side is None:
         raise SystemExit("forkio.cluster._serve runs as a worker of `forkio serve`")
@@ -56,12 +77,14 @@ def main() -> None:
         server.max_requests = settings.max_requests + random.randint(0, settings.max_requests_jitter)
     side = _side
 
+    tasks: set[asyncio.Task[None]] = set()
+
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         side.attach_loop(loop)
 
         def stop() -> None:
-            loop.call_soon_threadsafe(setattr, server, "should_exit", True)
+            loop.call_soon_threadsafe(lambda: tasks.add(loop.create_task(_stop_gracefully(server))))
 
         side.stop_hooks.append(stop)
         await server.serve(sockets=sockets)
