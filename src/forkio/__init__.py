@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ._aprocess import AsyncParent as AsyncParent
     from ._aprocess import afork as afork
     from ._aprocess import aparent as aparent
+    from ._pool import BrokenPool as BrokenPool
     from ._pool import Pool as Pool
     from ._pool import PoolClosed as PoolClosed
     from ._pool import RemoteError as RemoteError
@@ -53,6 +54,7 @@ _LAZY = {
     "ChildProcess": "._process",
     "fork": "._process",
     "Pool": "._pool",
+    "BrokenPool": "._pool",
     "PoolClosed": "._pool",
     "RemoteError": "._pool",
     "TaskFuture": "._pool",
@@ -86,6 +88,7 @@ __all__ = [
     "AsyncChildProcess",
     "AsyncParent",
     "ChannelClosed",
+    "BrokenPool",
     "ChildProcess",
     "ForkioError",
     "Parent",

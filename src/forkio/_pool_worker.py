@@ -9,12 +9,16 @@ Protocol (pickle frames over the worker's forkio channel):
                      ("cancel", task_id)                             skip it if it has not started
     worker -> pool   ("ready", pid) | ("init-failed", error)
                      ("results", [(task_id, status, payload, seconds, big buffers or None), ...],
-                      rss_or_None)
+                      rss_or_None)                                   status OK, RAISED or SKIPPED
                      ("message", task_id, message)                   from progress() / report()
 
 Tasks run one at a time, in the order received, so the pool always knows which task a dead
-worker was running: the first one it sent and has not seen a result for. Results are sent
-when the local queue runs dry, or every few milliseconds while it does not.
+worker was running (it also counts the tasks it starts in shared memory). Results are sent
+when the local queue runs dry, every few milliseconds while it does not, and, by a helper
+thread, a few milliseconds into a task that runs longer: a finished result never waits for the
+next task to end. A result with big buffers (shared memory) goes at once, in a frame of its own,
+so that a frame the pool cannot take in (no fd left for its segment) fails that one task only.
+A task cancelled before it started is skipped and reported as such.
 """
 
 from __future__ import annotations
@@ -24,17 +28,23 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
 from typing import Any
 
-from ._errors import ChannelClosed
+from ._codec import DEFAULT_MAX_FRAME
+from ._errors import ChannelClosed, SerializationError
 from ._parent import parent
 
-OK, RAISED = 0, 1
+OK, RAISED, SKIPPED = 0, 1, 2
 FLUSH_EVERY = 0.005  # seconds: how long results may wait while more tasks are queued
 CHECK_CANCELS_EVERY = 0.0002
+# Room in a frame for what wraps a task or a result (ids, tuple, header): a payload bigger than
+# the frame limit less this cannot travel, and fails with SerializationError at the sender.
+FRAME_SLACK = 4096
+MAX_PAYLOAD = DEFAULT_MAX_FRAME - FRAME_SLACK
 
 _current_task: int | None = None
 
@@ -115,8 +125,9 @@ def report(message: Any) -> None:
     """
     if _current_task is None or not parent.connected:
         return
-    _worker.flush()
-    parent.send(("message", _current_task, message))
+    with _worker.lock:  # after the results that finished before it, never between two frames
+        _worker._flush()
+        parent.send(("message", _current_task, message))
 
 
 def rss_of(pid: int | str = "self") -> int | None:
@@ -128,20 +139,63 @@ def rss_of(pid: int | str = "self") -> int | None:
         return None
 
 
+def result_error(exc: BaseException | None, size: int | None = None) -> bytes:
+    """A task's result that cannot travel back, as an encoded ``SerializationError``."""
+    if size is not None:
+        why = (f"the task's result pickles to {size} bytes, over the channel's frame limit of "
+               f"{MAX_PAYLOAD} bytes (large arrays and protocol-5 buffers travel apart, through shared memory)")
+    else:
+        why = f"cannot send the task's result back to the caller: {type(exc).__name__}: {exc}"
+    return encode_error(SerializationError(why))
+
+
 class _Worker:
     def __init__(self) -> None:
         self.results: list[tuple[int, int, bytes, float, list[pickle.PickleBuffer] | None]] = []
+        self.pending_bytes = 0
         self.report_rss = False
         self.cancelled: set[int] = set()
         self.started = memoryview(bytearray(8)).cast("Q")  # replaced by the pool's shared counter
         self.last_flush = time.perf_counter()
+        # Results are sent from two threads (this one between tasks, the flusher during a long
+        # one): the lock keeps the list and the order of frames whole.
+        self.lock = threading.Lock()
+        self.busy = threading.Event()  # set while a task runs with results waiting to go
 
     def flush(self) -> None:
+        with self.lock:
+            self._flush()
+
+    def _flush(self) -> None:
         if self.results:
             rss = rss_of() if self.report_rss else None
-            parent.send(("results", self.results, rss))
-            self.results = []
+            results, self.results, self.pending_bytes = self.results, [], 0
+            parent.send(("results", results, rss))
         self.last_flush = time.perf_counter()
+
+    def add(self, entry: tuple[int, int, bytes, float, list[pickle.PickleBuffer] | None], now: float) -> None:
+        size = len(entry[2])
+        with self.lock:
+            if entry[4] is not None or self.pending_bytes + size > MAX_PAYLOAD // 2:
+                self._flush()  # what waits goes first, so results keep their order
+            self.results.append(entry)
+            self.pending_bytes += size
+            if entry[4] is not None or now - self.last_flush > FLUSH_EVERY:
+                self._flush()
+
+    def flusher(self) -> None:
+        """Send the results that wait while a task runs long: they are ready, the caller waits."""
+        while True:
+            self.busy.wait()
+            time.sleep(FLUSH_EVERY)
+            with self.lock:
+                if self.results and time.perf_counter() - self.last_flush >= FLUSH_EVERY:
+                    try:
+                        self._flush()
+                    except (ChannelClosed, OSError):
+                        return  # the pool let us go: the main thread finds out on its own
+                if not self.results:
+                    self.busy.clear()
 
     def handle(self, message: tuple[Any, ...], queue: deque[tuple[Any, ...]]) -> bool:
         kind = message[0]
@@ -159,6 +213,7 @@ class _Worker:
         queue: deque[tuple[Any, ...]] = deque()  # (task_id, payload[, big buffers])
         last_check = time.perf_counter()
         perf = time.perf_counter
+        busy = self.busy
         while True:
             if not queue:
                 self.flush()
@@ -181,24 +236,33 @@ class _Worker:
             self.started[0] += 1  # seen by the pool even if we die in this task (see _pool_sched)
             if task_id in self.cancelled:
                 self.cancelled.discard(task_id)
+                self.add((task_id, SKIPPED, b"", 0.0, None), now)
                 continue
+            if self.results and not busy.is_set():
+                busy.set()  # this task may run long: the flusher sends what waits meanwhile
             _current_task = task_id
             started = perf()
             result_buffers: list[pickle.PickleBuffer] = []
             try:
                 call = loads(payload, big[0] if big else None)  # (fn, args) or (fn, args, kwargs)
-                result = dumps(call[0](*call[1], **call[2]) if len(call) == 3 else call[0](*call[1]),
-                               result_buffers)
-                status = OK
+                value = call[0](*call[1], **call[2]) if len(call) == 3 else call[0](*call[1])
                 del call  # let go of shared-memory arguments now, so the caller can reuse the segment
             except BaseException as exc:
                 result, status = encode_error(exc), RAISED
-                result_buffers.clear()
+            else:
+                status = OK
+                try:
+                    result = dumps(value, result_buffers)
+                except BaseException as exc:  # the task ran; its result cannot travel: say so
+                    result, status = result_error(exc), RAISED
+                    result_buffers.clear()
+                del value
+                if len(result) > MAX_PAYLOAD:
+                    result, status = result_error(None, len(result)), RAISED
+                    result_buffers.clear()
             finished = perf()
             _current_task = None
-            self.results.append((task_id, status, result, finished - started, result_buffers or None))
-            if finished - self.last_flush > FLUSH_EVERY:
-                self.flush()
+            self.add((task_id, status, result, finished - started, result_buffers or None), finished)
 
 
 _worker = _Worker()
@@ -237,6 +301,7 @@ def main() -> None:
     except BaseException as exc:
         parent.send(("init-failed", encode_error(exc)))
         sys.exit(3)
+    threading.Thread(target=_worker.flusher, name="forkio-results", daemon=True).start()
     try:
         parent.send(("ready", os.getpid()))
         _worker.run()
