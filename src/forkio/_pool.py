@@ -183,13 +183,24 @@ class Pool(Executor):
     ``spare_workers`` keeps that many extra workers started and idle, to take over at once
     when a worker dies or is stopped (recovery without waiting for a new process).
 
+    ``cluster`` (a Dask scheduler address or a ``distributed.Client``) runs the tasks on a Dask
+    cluster instead, with the same API and promises (the ``dask`` extra; see docs/dask.md).
+
     ``submit``/``map``/``shutdown`` are ``concurrent.futures.Executor``'s, so
     ``loop.run_in_executor(pool, fn, x)`` works. ``pool.options(timeout=..., retries=...,
     on_message=..., on_progress=...)`` sets them for some tasks; ``await pool.run(fn, ...)``
     and ``pool.stream(...)``/``pool.astream(...)`` are the asyncio and streaming faces.
     """
 
-    def __init__(self, workers: int | None = None, *, preload: Iterable[str] = (),
+    def __new__(cls, *args: Any, cluster: Any = None, **kwargs: Any) -> Pool:
+        # Pool(cluster=...) is the Dask-backed pool; importing it (and Dask) only then.
+        if cluster is not None and cls is Pool:
+            from ._dask import pool_class
+
+            return super().__new__(pool_class())
+        return super().__new__(cls)
+
+    def __init__(self, workers: int | None = None, *, cluster: Any = None, preload: Iterable[str] = (),
                  initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (),
                  task_timeout: float | None = None, retries: int = 0,
                  max_tasks_per_worker: int | None = None, max_memory_per_worker: int | None = None,
