@@ -46,7 +46,7 @@ from ._pool_sched import (
     Task,
     Worker,
 )
-from ._pool_worker import MAX_PAYLOAD, OK, SKIPPED, dumps, rss_of
+from ._pool_worker import MAX_PAYLOAD, OK, SKIPPED, dumps, dumps_for_workers, rss_of
 from ._process import ChildProcess, fork
 from ._zygote import ZygoteError
 
@@ -54,6 +54,7 @@ KILL_GRACE = 0.2  # seconds between SIGTERM and SIGKILL when a task must be stop
 _UNSET: Any = object()
 # Failures to start a worker that a moment's wait can cure: retried with back-off, not fatal.
 _TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EINTR})
+MAX_WAIT = 86400.0  # seconds: the longest single wait of the manager's select()
 
 
 class PoolClosed(ForkioError, RuntimeError):
@@ -177,38 +178,68 @@ class Pool(Executor):
     ``spare_workers`` keeps that many extra workers started and idle, to take over at once
     when a worker dies or is stopped (recovery without waiting for a new process).
 
+    ``cluster`` (a Dask scheduler address or a ``distributed.Client``) runs the tasks on a Dask
+    cluster instead, with the same API and promises (the ``dask`` extra; see docs/dask.md).
+
     ``submit``/``map``/``shutdown`` are ``concurrent.futures.Executor``'s, so
     ``loop.run_in_executor(pool, fn, x)`` works. ``pool.options(timeout=..., retries=...,
     on_message=..., on_progress=...)`` sets them for some tasks; ``await pool.run(fn, ...)``
     and ``pool.stream(...)``/``pool.astream(...)`` are the asyncio and streaming faces.
     """
 
-    def __init__(self, workers: int | None = None, *, preload: tuple[str, ...] = (),
-                 initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
+    def __new__(cls, *args: Any, cluster: Any = None, **kwargs: Any) -> Pool:
+        # Pool(cluster=...) is the Dask-backed pool; importing it (and Dask) only then.
+        if cluster is not None and cls is Pool:
+            from ._dask import pool_class
+
+            return super().__new__(pool_class())
+        return super().__new__(cls)
+
+    def __init__(self, workers: int | None = None, *, cluster: Any = None, preload: Iterable[str] = (),
+                 initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (),
                  task_timeout: float | None = None, retries: int = 0,
                  max_tasks_per_worker: int | None = None, max_memory_per_worker: int | None = None,
-                 spare_workers: int = 0) -> None:
+                 spare_workers: int = 0, max_workers: int | None = None, max_tasks_per_child: int | None = None,
+                 mp_context: Any = None) -> None:
+        # ProcessPoolExecutor's names, so that code written for it switches by the class name.
+        workers = _alias("workers", workers, "max_workers", max_workers)
+        max_tasks_per_worker = _alias("max_tasks_per_worker", max_tasks_per_worker,
+                                      "max_tasks_per_child", max_tasks_per_child)
+        _check_mp_context(mp_context)
+        # Every option is checked here: a bad one found later, in the manager thread, breaks the pool.
         if workers is None:
             workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if workers < 1:
-            raise ValueError("workers must be at least 1")
-        if retries < 0:
-            raise ValueError("retries must be >= 0")
-        if spare_workers < 0:
-            raise ValueError("spare_workers must be >= 0")
-        if task_timeout is not None and task_timeout <= 0:
-            raise ValueError("task_timeout must be positive")
-        for name, limit in (("max_tasks_per_worker", max_tasks_per_worker),
-                            ("max_memory_per_worker", max_memory_per_worker)):
-            if limit is not None and limit < 1:
-                raise ValueError(f"{name} must be at least 1")
+        workers = check_count("workers", workers, 1)
+        retries = check_count("retries", retries, 0)
+        spare_workers = check_count("spare_workers", spare_workers, 0)
+        task_timeout = check_timeout("task_timeout", task_timeout)
+        if max_tasks_per_worker is not None:
+            max_tasks_per_worker = check_count("max_tasks_per_worker", max_tasks_per_worker, 1)
+        if max_memory_per_worker is not None:
+            max_memory_per_worker = check_count("max_memory_per_worker", max_memory_per_worker, 1)
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable or None, not {type(initializer).__name__}")
+        if isinstance(initargs, str | bytes) or not isinstance(initargs, Iterable):
+            raise TypeError(f"initargs must be a tuple of arguments, not {type(initargs).__name__}")
+        initargs = tuple(initargs)
+        from ._zygote import _normalise
+
+        preload = _normalise(preload)
         self.workers = workers
         self.task_timeout = task_timeout
         self.retries = retries
-        self._preload = tuple(preload)
+        self._preload = preload
         # The initializer is pickled apart: the worker can unpickle it only once it has our sys.path.
+        # multiprocessing objects in it (queues, locks) bring fds, which go with each init message.
+        try:
+            init_payload, self._init_fds = dumps_for_workers((initializer, initargs))
+        except SerializationError:
+            raise
+        except Exception as exc:
+            raise SerializationError(f"cannot send the initializer and its initargs to the workers: "
+                                     f"{exc}{_cloudpickle_hint(exc)}") from exc
         self._init_message = ("init", list(sys.path), _main_path(), max_memory_per_worker is not None,
-                              dumps((initializer, initargs)))
+                              init_payload, _mp_authkey())
         self._sched = Scheduler(workers, max_tasks_per_worker=max_tasks_per_worker,
                                 max_memory_per_worker=max_memory_per_worker)
         self._procs: dict[int, _Proc] = {}
@@ -253,9 +284,8 @@ class Pool(Executor):
         except KeyboardInterrupt:
             raise  # Ctrl-C while pickling a big argument: the caller's to handle, not the task's
         except BaseException as exc:  # SystemExit from a __reduce__ too: it fails this task only
-            hint = ("" if _has_cloudpickle() else
-                    " (lambdas and closures need cloudpickle: pip install 'forkio[cloudpickle]')")
-            error = SerializationError(f"cannot send task {getattr(fn, '__name__', fn)!r} to a worker: {exc!r}{hint}")
+            error = SerializationError(f"cannot send task {getattr(fn, '__name__', fn)!r} to a worker: "
+                                       f"{exc!r}{_cloudpickle_hint(exc)}")
             error.__cause__ = exc
             future.set_exception(error)
             return future
@@ -407,13 +437,17 @@ class Pool(Executor):
         for proc in list(self._procs.values()):
             self._reap(proc)
         self._selector.close()
+        init_fds, self._init_fds = self._init_fds, []
+        for fd in init_fds:
+            os.close(fd)
 
     def _select_timeout(self) -> float | None:
         deadlines = [d for d in (self._sched.next_deadline(),
                                  *(p.stop_at for p in self._procs.values() if p.stop_at)) if d is not None]
         if not deadlines:
             return None
-        return max(0.0, min(deadlines) - time.monotonic())
+        # A day at most: select() overflows past ~24.8 days, and a far deadline is simply waited for again.
+        return min(max(0.0, min(deadlines) - time.monotonic()), MAX_WAIT)
 
     def _drain_commands(self) -> None:
         inbox = self._wake.drain()
@@ -595,10 +629,12 @@ class Pool(Executor):
         worker.pid = child.pid
         self._procs[worker.id] = proc
         self._sched.add_worker(worker)
+        # The manager must never wait on one worker: no backpressure on shared segments here.
+        child.channel.shm_in_flight_limit = None
         self._watch(child.channel.fileno(), proc)
         self._watch(proc.pidfd, proc)
         try:
-            data, fds = child.channel.encode(self._init_message, proc.counter_fd)
+            data, fds = child.channel.encode_fds(self._init_message, [proc.counter_fd, *self._init_fds])
             child.channel.send_bytes(data, fds)  # the first bytes on an empty socket: never blocks
         except ChannelClosed:
             pass  # it died already: its pidfd says so
@@ -969,6 +1005,46 @@ def _has_cloudpickle() -> bool:
     return True
 
 
+def _cloudpickle_hint(exc: BaseException) -> str:
+    """A pointer to cloudpickle, where the failure is one it removes: a lambda, a closure, a local
+    class, a function not reachable by its name. (Locks, sockets... no pickler can send.)"""
+    text = str(exc)
+    if _has_cloudpickle() or not any(sign in text for sign in ("<lambda>", "<locals>", "local object",
+                                                               "attribute lookup")):
+        return ""
+    return " (lambdas and closures need cloudpickle: pip install 'forkio[cloudpickle]')"
+
+
+def _alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+    """``value``, or ``alias_value`` when given under ``ProcessPoolExecutor``'s name instead."""
+    if alias_value is None:
+        return value
+    if value is not None:
+        raise TypeError(f"give {name}= or its alias {alias}=, not both")
+    return alias_value
+
+
+def _check_mp_context(context: Any) -> None:
+    """``mp_context`` is accepted for ``ProcessPoolExecutor`` code: workers always start fresh
+    (as with "spawn" or "forkserver"), so a "fork" context, whose promise they cannot keep, is refused."""
+    if context is None:
+        return
+    start_method = getattr(context, "get_start_method", None)
+    if not callable(start_method):
+        raise TypeError(f"mp_context must be a multiprocessing context or None, not {type(context).__name__}")
+    if start_method() == "fork":
+        raise ValueError("mp_context: forkio's workers start fresh, never forked from this process, so they "
+                         "cannot inherit what a 'fork' context promises; leave mp_context out (or use 'spawn')")
+
+
+def _mp_authkey() -> bytes | None:
+    """This process's ``multiprocessing`` authkey, which workers take as their own (as multiprocessing's
+    children do), so that a ``Manager`` proxy passed to a task can connect. None when multiprocessing
+    is not in use here: importing it in every worker would slow every start."""
+    process = sys.modules.get("multiprocessing.process")
+    return None if process is None else bytes(process.current_process().authkey)
+
+
 def _message_handler(on_message: Callable[[Any], None] | None,
                      on_progress: Callable[[float, float | None], None] | None) -> Callable[[Any], None] | None:
     if on_progress is None:
@@ -983,4 +1059,4 @@ def _message_handler(on_message: Callable[[Any], None] | None,
     return handle
 
 
-from ._pool_stream import TaskOptions, TaskResult  # noqa: E402  (they build on Pool)
+from ._pool_stream import TaskOptions, TaskResult, check_count, check_timeout  # noqa: E402  (they build on Pool)

@@ -2,8 +2,9 @@
 
 Protocol (pickle frames over the worker's forkio channel):
 
-    pool -> worker   ("init", sys_path, main_path, report_rss, (initializer, initargs) pickled)
-                     first, with the fd of an 8-byte shared counter of tasks started
+    pool -> worker   ("init", sys_path, main_path, report_rss, (initializer, initargs) pickled, mp authkey)
+                     first, with the fd of an 8-byte shared counter of tasks started, then the
+                     fds of multiprocessing objects in initargs (see ``dumps_for_workers``)
                      ("tasks", [(task_id, payload[, buffers]), ...]) payload = pickled (fn, args[, kwargs]);
                                                                      big buffers apart (shared memory)
                      ("cancel", task_id)                             skip it if it has not started
@@ -32,7 +33,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
 from ._codec import DEFAULT_MAX_FRAME
 from ._errors import ChannelClosed, SerializationError
@@ -80,20 +81,133 @@ def dumps(obj: Any, big_buffers: list[pickle.PickleBuffer] | None = None) -> byt
         return bytes(cloudpickle.dumps(obj, 5, buffer_callback=callback))
 
 
+class _Handover:
+    """Stands in for multiprocessing's spawning ``Popen`` while the initializer's arguments are
+    pickled for the workers: a ``multiprocessing`` queue, pipe or connection in them then pickles
+    (as it does for ``ProcessPoolExecutor``), its fds to travel with each worker's init message."""
+
+    def __init__(self, dup: bool = True) -> None:
+        self.fds: list[int] = []
+        self.dup = dup  # False: a dry run, nothing to keep
+
+    def duplicate_for_child(self, fd: int) -> int:
+        # Our own copy: the caller may close the queue while a worker is still to be started.
+        self.fds.append(os.dup(fd) if self.dup else fd)
+        return len(self.fds) - 1
+
+    class DupFd:
+        """In the worker: the fd that came with the init message at this position."""
+
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        def detach(self) -> int:
+            return os.dup(_inherited_fds[self.index])
+
+
+_inherited_fds: list[int] = []
+
+
+def dumps_for_workers(obj: Any) -> tuple[bytes, list[int]]:
+    """Pickle what every worker gets at start (the initializer and its arguments): ``dumps``, with
+    ``multiprocessing`` objects allowed. Returns the pickle and the fds to send with it (ours to close)."""
+    context = sys.modules.get("multiprocessing.context")
+    if context is None:  # no multiprocessing object can be in it
+        return dumps(obj), []
+    handover = _Handover()
+    context.set_spawning_popen(handover)
+    try:
+        _refuse_fork_context_locks(obj)
+        return _forking_dumps(obj), handover.fds
+    except BaseException:
+        for fd in handover.fds:
+            os.close(fd)
+        raise
+    finally:
+        context.set_spawning_popen(None)
+
+
+def _forking_dumps(obj: Any) -> bytes:
+    """``dumps`` with multiprocessing's reducers (its connections pickle by fd only through them)."""
+    import io
+    from collections import ChainMap
+    from multiprocessing.reduction import ForkingPickler
+
+    buffer = io.BytesIO()
+    try:
+        ForkingPickler(buffer, 5).dump(obj)
+        return buffer.getvalue()
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        try:
+            import cloudpickle
+        except ImportError:
+            raise exc from None
+
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+        dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(ForkingPickler._extra_reducers,  # type: ignore[attr-defined]
+                                                                cloudpickle.Pickler.dispatch_table)
+
+    buffer = io.BytesIO()
+    Pickler(buffer, 5).dump(obj)
+    return buffer.getvalue()
+
+
+def _refuse_fork_context_locks(obj: Any) -> None:
+    """A multiprocessing lock, queue or event made in the "fork" context (the default on Linux
+    before Python 3.14) lives in memory only processes forked from this one share, and a worker
+    starts fresh: refuse it here, naming what works, rather than let a worker use a dangling lock."""
+    synchronize = sys.modules.get("multiprocessing.synchronize")
+    if synchronize is None:
+        return
+    semlock_type = synchronize.SemLock
+    from ._errors import SerializationError
+
+    class Checker(pickle.Pickler):
+        def reducer_override(self, value: Any) -> Any:
+            if isinstance(value, semlock_type) and getattr(value._semlock, "name", True) is None:
+                raise SerializationError(
+                    f"a multiprocessing {type(value).__name__} (or a Queue, Event... built on one) made in the "
+                    "'fork' context cannot reach the pool's workers: they start fresh, not forked from this "
+                    "process. Make it with multiprocessing.get_context('spawn') (e.g. "
+                    "get_context('spawn').Queue()), or use a multiprocessing.Manager().Queue() proxy")
+            return NotImplemented
+
+    import io
+
+    context = sys.modules["multiprocessing.context"]
+    spawning = context.get_spawning_popen()
+    context.set_spawning_popen(_Handover(dup=False))
+    try:
+        # Part by part: a lambda initializer (for cloudpickle) must not hide a lock in initargs.
+        for part in obj if isinstance(obj, tuple) else (obj,):
+            try:
+                Checker(io.BytesIO(), 5).dump(part)
+            except SerializationError:
+                raise
+            except Exception:  # anything else is for the real pickling to report
+                pass
+    finally:
+        context.set_spawning_popen(spawning)
+
+
 _main_path: str | None = None
+_main_loaded = False
 
 
 def loads(payload: bytes, buffers: list[Any] | None = None) -> Any:
     """Unpickle a task. Functions from the caller's ``__main__`` are found by loading its main
     script here under the name ``__mp_main__`` (as multiprocessing does), on first need."""
+    global _main_loaded
     try:
         return pickle.loads(payload, buffers=buffers)
     except AttributeError:
-        if _main_path is None or "__mp_main__" in sys.modules:
+        # (Not "is __mp_main__ in sys.modules": importing multiprocessing puts our own __main__ there.)
+        if _main_path is None or _main_loaded:
             raise
     import runpy
     import types
 
+    _main_loaded = True
     module = types.ModuleType("__mp_main__")
     sys.modules["__mp_main__"] = module
     module.__dict__.update(runpy.run_path(_main_path, run_name="__mp_main__"))
@@ -290,16 +404,24 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _main_path
     try:
-        (_init, sys_path, _main_path, report_rss, initializer_payload), counter_fd = parent.recv(with_handle=True)
+        (_init, sys_path, _main_path, report_rss, initializer_payload, authkey), fds = parent.channel.recv_fds()
     except ChannelClosed:
         return  # the pool closed before we started: nothing to do
+    counter_fd, _inherited_fds[:] = fds[0], fds[1:]
     sys.path[:] = sys_path  # find what the caller finds, as multiprocessing's spawn does
     _worker.report_rss = report_rss
     _worker.started = memoryview(mmap.mmap(counter_fd, 8)).cast("Q")
     os.close(counter_fd)
+    if authkey is not None:  # the caller uses multiprocessing: be its child there too (Manager proxies)
+        import multiprocessing.process
+
+        multiprocessing.process.current_process().authkey = authkey
     _hide_channel_from_tasks()
     try:
         initializer, initargs = loads(initializer_payload)
+        for fd in _inherited_fds:  # what needed them holds its own copies now
+            os.close(fd)
+        del _inherited_fds[:]
         if initializer is not None:
             initializer(*initargs)
     except BaseException as exc:
@@ -313,6 +435,11 @@ def main() -> None:
         pass  # the pool let us go
     # Leave at once, as multiprocessing's workers do: a full interpreter teardown (atexit,
     # module cleanup) costs the pool's shutdown milliseconds per worker and runs nothing of ours.
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        # A task used multiprocessing: a queue's feeder thread may still hold what a task put.
+        # Run its exit hooks, as multiprocessing's own workers do before their os._exit().
+        util._exit_function()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
