@@ -245,7 +245,6 @@ class Pool(Executor):
         self._procs: dict[int, _Proc] = {}
         self._tasks: dict[int, Task] = {}
         self._wake = _Wake()
-        self._inbox = self._wake.inbox
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake.r, selectors.EVENT_READ, None)
         self._task_ids = itertools.count(1)  # next() on a count is atomic under the GIL: no lock
@@ -409,17 +408,17 @@ class Pool(Executor):
             self._apply(self._sched.dispatch(now))
             self._escalate(now)
             if self._closed and not self._procs and self._starting == 0 and not self._sched.busy:
-                self._finish()
+                self._wind_up()
                 return False
             return True
         except BaseException as exc:  # a bug here must not leave futures pending forever
             self._break(exc, f"its manager thread failed: {exc!r}")
             for proc in list(self._procs.values()):
                 proc.child.kill(signal.SIGKILL)
-            self._finish()
+            self._wind_up()
             raise
 
-    def _finish(self) -> None:
+    def _wind_up(self) -> None:
         """The manager ends: nothing more can be posted; what was, and every task, is resolved."""
         with self._wake.lock:
             self._closed = True
