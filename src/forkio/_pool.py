@@ -471,10 +471,10 @@ class Pool(Executor):
             elif kind == "spawn":
                 self._spawn(command[1])
             elif kind == "close":
-                if command[1]:  # cancel_futures: every task not running yet, sent ahead or not
-                    running = {id(t) for t in (self._running_task(p) for p in self._procs.values()) if t}
+                if command[1]:  # cancel_futures: every task not started yet, sent ahead or not
+                    begun = {id(t) for p in self._procs.values() for t in self._begun(p)}
                     for task in list(self._tasks.values()):
-                        if id(task) not in running and Future.cancel(task.future):
+                        if id(task) not in begun and Future.cancel(task.future):
                             task.cancelled = True
                             self._tasks.pop(task.id, None)
                             self._apply(self._sched.cancel(task, self._started_of))
@@ -510,10 +510,12 @@ class Pool(Executor):
         proc = self._procs.get(worker.id)
         return proc.started() if proc is not None else None
 
-    def _running_task(self, proc: _Proc) -> Task | None:
+    @staticmethod
+    def _begun(proc: _Proc) -> list[Task]:
+        """The tasks a worker holds that it has started: the one running, and any that finished
+        with their results still on the way."""
         state = proc.state
-        at = proc.started() - state.consumed - 1
-        return state.assigned[at] if 0 <= at < len(state.assigned) else None
+        return list(state.assigned)[:max(0, proc.started() - state.consumed)]
 
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
@@ -706,9 +708,11 @@ class Pool(Executor):
             try:
                 message = channel.pop(False)
             except SerializationError as exc:
-                # One frame that could not be taken in, boundaries intact: a result whose shared
-                # segment's fd did not arrive (this process is out of fds) or cannot be mapped.
-                # Big results come one per frame, in order: it was the next task's.
+                # One frame that could not be taken in, boundaries intact. Everything a worker
+                # sends is pickled apart (results, messages) except a result's big buffers, so
+                # it is a result whose shared segment's fd did not arrive (this process is out
+                # of fds) or cannot be mapped. Such results come one per frame, in order: it
+                # was the next task's.
                 self._result_lost(proc, exc)
                 continue
             except Exception:  # a worker that breaks the protocol is stopped; its exit fails its task
@@ -728,7 +732,9 @@ class Pool(Executor):
                 task = self._tasks.get(message[1])
                 if task is not None and task.on_message is not None:
                     try:
-                        task.on_message(message[2])
+                        # Pickled apart in the worker: one that will not unpickle here is this
+                        # callback's problem, not a broken frame.
+                        task.on_message(pickle.loads(message[2]))
                     except BaseException:  # a callback's bug (even a SystemExit) must not kill the pool
                         import traceback
 
@@ -836,7 +842,6 @@ class _Wake:
         self.lock = threading.Lock()
         self.pending = False
         self.closed = False
-        self.dropped = False
 
     def post_locked(self, command: tuple[Any, ...]) -> None:
         """Queue ``command`` and wake the manager (the caller holds ``lock``)."""
@@ -855,11 +860,16 @@ class _Wake:
 
     def poke_dropped(self, _ref: Any) -> None:
         """The pool was dropped (weakref callback): wake the manager to stop its workers."""
-        with self.lock:
-            self.dropped = True
+        # Not waiting for the lock: a GC pass may run this in a thread that holds it (posting);
+        # whoever holds it is writing a wake-up byte, or closing the pipe, either way enough.
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
             if not self.closed and not self.pending:
                 self.pending = True
                 os.write(self.w, b"x")
+        finally:
+            self.lock.release()
 
     def drain(self) -> deque[tuple[Any, ...]]:
         # Drain first, then clear the flag, then read the inbox: a command posted at any point

@@ -11,7 +11,7 @@ Protocol (pickle frames over the worker's forkio channel):
     worker -> pool   ("ready", pid) | ("init-failed", error)
                      ("results", [(task_id, status, payload, seconds, big buffers or None), ...],
                       rss_or_None)                                   status OK, RAISED or SKIPPED
-                     ("message", task_id, message)                   from progress() / report()
+                     ("message", task_id, message pickled)           from progress() / report()
 
 Tasks run one at a time, in the order received, so the pool always knows which task a dead
 worker was running (it also counts the tasks it starts in shared memory). Results are sent
@@ -239,9 +239,13 @@ def report(message: Any) -> None:
     """
     if _current_task is None or not parent.connected:
         return
+    try:  # pickled apart, as results are: the pool unpickles it where the callback runs
+        payload = dumps(message)
+    except Exception as exc:
+        raise SerializationError(f"cannot send this message to the caller: {exc!r}") from exc
     with _worker.lock:  # after the results that finished before it, never between two frames
         _worker._flush()
-        parent.send(("message", _current_task, message))
+        parent.send(("message", _current_task, payload))
 
 
 def rss_of(pid: int | str = "self") -> int | None:
