@@ -589,3 +589,21 @@ def test_shutdown_cancel_futures_keeps_results_of_tasks_that_already_ran() -> No
             return 2
 
     assert Pool._begun(FakeProc()) == ts[:2]  # type: ignore[arg-type]
+
+
+def test_sched_a_ready_worker_whose_channel_closed_first_is_no_start_failure() -> None:
+    """A killed worker's socket often reports EOF before its pidfd: it was ready all the same."""
+    sched, (w0,) = _sched()
+    w0.ready = False  # what the I/O layer does when it finds the channel closed
+    assert sched.worker_died(w0, Failure("crashed", w0, -9), now=1.0) == [Spawn(1)]
+    assert sched.start_failures == 0 and sched.spawn_at is None
+
+
+def test_killing_ready_workers_again_and_again_never_breaks_the_pool() -> None:
+    with Pool(1) as pool:
+        for _ in range(CRASH_LOOP_LIMIT + 2):
+            (pid,) = _ready_pids(pool, 1)
+            os.kill(pid, signal.SIGKILL)
+            assert gone(pid, within=10)
+            assert pool.submit(tasks.inc, 1).result(timeout=30) == 2
+        assert "broken" not in repr(pool)

@@ -779,7 +779,7 @@ class Pool(Executor):
             return
         self.restarts += 1
         state = proc.state
-        kind = "crashed" if state.ready else "start"
+        kind = "crashed" if state.started else "start"
         self._apply(self._sched.worker_died(state, Failure(kind, state, code), started, time.monotonic()))
 
     def _reap(self, proc: _Proc) -> None:

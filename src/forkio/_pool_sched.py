@@ -54,7 +54,8 @@ class Worker:
     """The scheduler's view of one worker process."""
 
     id: int
-    ready: bool = False
+    ready: bool = False  # takes tasks now (False again once its channel is found closed)
+    started: bool = False  # it was ready once: a death after that is not a failure to start
     assigned: deque[Task] = field(default_factory=deque)
     tasks_done: int = 0
     consumed: int = 0  # tasks it has taken off its queue, as far as we know (results + skips)
@@ -144,7 +145,7 @@ class Scheduler:
         self.queue.append(task)
 
     def worker_ready(self, worker: Worker) -> None:
-        worker.ready = True
+        worker.ready = worker.started = True
         self.start_failures = 0
 
     def spawned(self) -> None:
@@ -158,7 +159,7 @@ class Scheduler:
         self.spawn_failures += 1
         if self.failing_since is None:
             self.failing_since = now
-        alive = any(w.ready for w in self.workers.values())
+        alive = any(w.started for w in self.workers.values())
         if not transient or (not alive and now - self.failing_since > SPAWN_GIVE_UP):
             return [Break(error)]
         return self._respawn_later(now, self.spawn_failures)
@@ -271,7 +272,7 @@ class Scheduler:
         self.queue.extendleft(reversed(rest))
         if self.closing and not self.queue:
             return actions
-        if not worker.ready:
+        if not worker.started:
             # It died before it was ready: a start that crashes. Retry (later, and later), but a
             # few in a row mean no worker can start: break, saying why, rather than loop forever.
             self.start_failures += 1
