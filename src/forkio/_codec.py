@@ -436,10 +436,11 @@ class JsonCodec:
         self.max_frame_size = max_frame_size
         self._dumps = _json_dumps()
 
-    def encode(self, message: Any, handle_kind: str | None = None, *, control: bool = False) -> bytes:
-        """One line; with a handle it is wrapped in Node's ``NODE_HANDLE`` envelope."""
+    def encode(self, message: Any, handle_kind: str | None = None, *, control: bool = False,
+               handle_fields: dict[str, str] | None = None) -> bytes:
+        """One line; with a handle it is wrapped in Node's ``NODE_HANDLE`` envelope (plus ``handle_fields``)."""
         if handle_kind is not None:
-            message = {"cmd": "NODE_HANDLE", "type": handle_kind, "msg": message}
+            message = {"cmd": "NODE_HANDLE", "type": handle_kind, "msg": message, **(handle_fields or {})}
         try:
             text = self._dumps(message)
         except (TypeError, ValueError, RecursionError) as exc:

@@ -18,7 +18,11 @@ Handle = Any  # socket.socket, an object with fileno(), or an int fd
 NODE_SERVER = "net.Server"
 NODE_SOCKET = "net.Socket"
 NODE_DGRAM = "dgram.Socket"
+# Node sends bare libuv handles (a TCP/pipe handle, a UDP handle) under these names.
+NODE_NATIVE = "net.Native"
+NODE_DGRAM_NATIVE = "dgram.Native"
 RAW_FD = "fd"
+SOCKET_KINDS = frozenset((NODE_SERVER, NODE_SOCKET, NODE_DGRAM, NODE_NATIVE, NODE_DGRAM_NATIVE))
 
 
 def handle_fd(handle: Handle) -> tuple[int, str]:
@@ -42,14 +46,31 @@ def handle_fd(handle: Handle) -> tuple[int, str]:
     return fd, RAW_FD
 
 
-def rebuild_handle(fd: int, kind: str) -> Handle:
-    """The object a received fd becomes: a ``socket.socket`` for sockets, else the int fd itself."""
-    if kind in (NODE_SERVER, NODE_SOCKET, NODE_DGRAM):
+def node_handle_fields(handle: Handle) -> dict[str, str]:
+    """What Node's ``NODE_HANDLE`` envelope carries besides the kind: a UDP socket's ``dgramType``.
+
+    Node rebuilds a datagram socket with ``dgram.Socket(dgramType)`` and fails without it.
+    """
+    if isinstance(handle, socket.socket) and handle.type == socket.SOCK_DGRAM:
+        if handle.family == socket.AF_INET:
+            return {"dgramType": "udp4"}
+        if handle.family == socket.AF_INET6:
+            return {"dgramType": "udp6"}
+    return {}
+
+
+def rebuild_handle(fd: int, kind: str, socket_class: type[socket.socket] = socket.socket) -> Handle:
+    """The object a received fd becomes: a blocking ``socket_class`` for sockets, else the int fd itself."""
+    if kind in SOCKET_KINDS:
         try:
-            return socket.socket(fileno=fd)
+            sock = socket_class(fileno=fd)
         except OSError:
             os.close(fd)
             raise
+        # Node hands its sockets over non-blocking; a Python socket without a timeout is a
+        # blocking one, and a plain recv() must not raise BlockingIOError.
+        sock.setblocking(True)
+        return sock
     return fd
 
 
