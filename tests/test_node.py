@@ -176,7 +176,7 @@ def test_node_parent_delivers_every_handle_to_forkio_child_before_disconnecting(
     assert lines[-1] == {"exit": 0, "signal": None}
 
 
-@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["udp4", "udp6"])
 def test_udp_socket_to_node_child(children: Path, family: socket.AddressFamily) -> None:
     """A UDP socket goes to Node with its dgramType, and arrives as a dgram.Socket of that type."""
     host = "127.0.0.1" if family == socket.AF_INET else "::1"
@@ -213,3 +213,29 @@ def test_node_peer_detection_matches_bootstrap() -> None:
     from forkio import _launch, _parent
 
     assert _parent.BOOTSTRAP_MARK in _launch.BOOTSTRAP
+
+
+def test_async_face_passes_handles_both_ways_with_node_child(children: Path) -> None:
+    """afork() of a Node child: handles go one at a time, come back acknowledged, and messages flow on."""
+    import asyncio
+
+    async def main() -> None:
+        servers = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+        try:
+            async with await forkio.afork(children / "echo.js") as child:
+                assert await child.recv(timeout=20) == "ready"
+                for n, server in enumerate(servers):
+                    await child.send(n, server)  # the second waits for the first one's ACK
+                await child.send("plain")
+                for server in servers:
+                    reply, handle = await child.recv(timeout=10, with_handle=True)
+                    assert reply == {"got": "handle", "kind": "Server", "port": server.getsockname()[1]}
+                    handle.close()
+                assert await child.recv(timeout=10) == {"echo": "plain"}
+                await child.send("exit")
+                assert await child.wait(timeout=10) == 3
+        finally:
+            for server in servers:
+                server.close()
+
+    asyncio.run(main())
