@@ -29,6 +29,21 @@ def test_python_parent_node_child(children: Path) -> None:
         assert child.wait(timeout=10) == 3
 
 
+def test_handles_node_cannot_take_are_refused(children: Path) -> None:
+    """A plain fd or a Unix datagram socket would kill a Node child: refused, and the channel goes on."""
+    r, w = os.pipe()
+    unix_dgram, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with unix_dgram, other, forkio.fork(children / "echo.js") as child:
+        assert child.recv(timeout=20) == "ready"
+        for handle in (r, unix_dgram):
+            with pytest.raises(SerializationError, match="to Node"):
+                child.send("take this", handle)
+        child.send("still here")
+        assert child.recv(timeout=10) == {"echo": "still here"}
+    os.close(r)
+    os.close(w)
+
+
 def test_python_parent_hands_server_to_node(children: Path) -> None:
     """A listening socket goes to Node as net.Server (NODE_HANDLE), and comes back the same way."""
     server = socket.create_server(("127.0.0.1", 0))

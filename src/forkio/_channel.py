@@ -26,7 +26,7 @@ from typing import Any, cast
 from . import _shm
 from ._codec import DEFAULT_MAX_FRAME, Codec, Incoming, JsonCodec, PickleCodec, make_codec, segment_layout
 from ._errors import ChannelClosed, ProtocolError, SerializationError, WaitTimeout
-from ._handles import RAW_FD, Handle, close_fds, handle_fd, node_handle_fields, rebuild_handle
+from ._handles import RAW_FD, Handle, close_fds, handle_fd, rebuild_handle
 from ._node import DISCONNECT_ACK_WAIT, NodeLink
 
 RECV_SIZE = 64 * 1024
@@ -159,7 +159,8 @@ class Channel:
             return data, [self._pack(shared)]
         fd, kind = handle_fd(handle)
         if codec is None:  # json: Node's NODE_HANDLE envelope
-            return cast(JsonCodec, self.codec).encode(message, kind, handle_fields=node_handle_fields(handle)), [fd]
+            fields = cast(NodeLink, self._node).handle_fields(handle, kind)
+            return cast(JsonCodec, self.codec).encode(message, kind, handle_fields=fields), [fd]
         if threshold is None:
             return codec.encode(message, kind), [fd]
         data, shared = codec.encode_shared(message, kind, threshold=threshold, reusable=_shm.REUSABLE)

@@ -32,8 +32,8 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._errors import ChannelClosed
-from ._handles import NODE_SOCKET, Handle, close_fds, rebuild_handle
+from ._errors import ChannelClosed, SerializationError
+from ._handles import NODE_DGRAM, NODE_SOCKET, RAW_FD, Handle, close_fds, node_handle_fields, rebuild_handle
 
 if TYPE_CHECKING:
     from ._channel import Channel
@@ -216,6 +216,16 @@ class NodeLink:
             pass
 
     # ------------------------------------------------------------ sending side
+    def handle_fields(self, handle: Handle, kind: str) -> dict[str, str]:
+        """The ``NODE_HANDLE`` envelope's extra fields for ``handle``; refuses what a Node peer would die on."""
+        fields = node_handle_fields(handle)
+        if self.node_peer:
+            if kind == RAW_FD:
+                raise SerializationError(f"cannot send {handle!r} to Node: Node takes sockets only, not plain fds")
+            if kind == NODE_DGRAM and not fields:
+                raise SerializationError(f"cannot send {handle!r} to Node: Node's datagram sockets are UDP only")
+        return fields
+
     def send_handle(self, data: bytes, fds: list[int]) -> None:
         """Send a message that carries a handle: toward Node, only once the previous one is acknowledged."""
         channel = self._channel
