@@ -178,20 +178,20 @@ class AsyncEndpoint:
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
 
-        def reply(data: bytes) -> None:
+        def reply(data: bytes, fds: list[int]) -> None:
             # Written by our one writer, so that an answer never splits a frame it is sending.
             try:
-                loop.call_soon_threadsafe(self._queue_reply, channel, data)
-            except RuntimeError:
+                loop.call_soon_threadsafe(self._queue_reply, channel, data, fds)
+            except RuntimeError:  # the loop is closed: write it from here
                 node.write_reply = node._write_now
-                node._write_now(data)
+                node._write_now(data, fds)
 
         self._watching = node
         node.write_reply = reply
         node.add_waker(wake)
 
-    def _queue_reply(self, channel: Channel, data: bytes) -> None:
-        self._outgoing.append(_Outgoing(memoryview(data), [], None, False, None))
+    def _queue_reply(self, channel: Channel, data: bytes, fds: list[int]) -> None:
+        self._outgoing.append(_Outgoing(memoryview(data), fds, None, False, None))
         if self._writer is None or self._writer.done():
             loop = asyncio.get_running_loop()
             self._writer = loop.create_task(self._write_outgoing(channel, loop))

@@ -475,8 +475,11 @@ def _json_dumps() -> Callable[[Any], str]:
 
 
 def is_internal(message: Any) -> bool:
-    """Node's rule: an object whose ``cmd`` starts with ``NODE_`` is internal."""
-    return isinstance(message, dict) and isinstance(message.get("cmd"), str) and message["cmd"].startswith("NODE_")
+    """Node's rule: an object whose ``cmd`` is ``NODE_`` followed by at least one character is internal."""
+    if not isinstance(message, dict):
+        return False
+    cmd = message.get("cmd")
+    return isinstance(cmd, str) and len(cmd) > 5 and cmd.startswith("NODE_")
 
 
 class JsonDecoder(_Decoder):

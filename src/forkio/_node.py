@@ -84,9 +84,9 @@ class NodeLink:
         self._handle_lock = threading.Lock()  # one handle in flight: senders queue here
         self._reader_pid = 0  # the process whose background reader runs (none survives a fork)
         self._wakers: list[Callable[[], None]] = []
-        #: How answers to internal messages are written. The asyncio face replaces it so that an
-        #: answer never lands in the middle of a frame its writer has half sent.
-        self.write_reply: Callable[[bytes], None] = self._write_now
+        #: How answers to internal messages (and retransmitted handles) are written. The asyncio
+        #: face replaces it so that one never lands in the middle of a frame its writer has half sent.
+        self.write_reply: Callable[[bytes, list[int]], None] = self._write_now
 
     # ------------------------------------------------------------ reading side
     def start_reader(self) -> None:
@@ -205,13 +205,13 @@ class NodeLink:
 
     def _reply(self, message: dict[str, Any]) -> None:
         if self._channel.connected:
-            self.write_reply(self._channel.codec.encode(message))
+            self.write_reply(self._channel.codec.encode(message), [])
 
-    def _write_now(self, data: bytes) -> None:
+    def _write_now(self, data: bytes, fds: list[int]) -> None:
         # Like Node, an answer that cannot be written is no error of the user's: the channel is
         # going away, and whoever uses it next hears about that.
         try:
-            self._channel.send_bytes(data)
+            self._channel.send_bytes(data, fds)
         except ChannelClosed:
             pass
 
@@ -292,10 +292,7 @@ class NodeLink:
                 self._unacked = None
                 channel._cond.notify_all()
         if retry:
-            try:
-                channel.send_bytes(unacked.data, [unacked.fd])
-            except ChannelClosed:
-                pass
+            self.write_reply(unacked.data, [unacked.fd])
             return
         os.close(unacked.fd)
         if not ok:
