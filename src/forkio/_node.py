@@ -83,6 +83,7 @@ class NodeLink:
         self._unacked: _Unacked | None = None  # guarded by the channel's condition
         self._handle_lock = threading.Lock()  # one handle in flight: senders queue here
         self._reader_pid = 0  # the process whose background reader runs (none survives a fork)
+        self._start_lock = threading.Lock()
         self._wakers: list[Callable[[], None]] = []
         #: How answers to internal messages (and retransmitted handles) are written. The asyncio
         #: face replaces it so that one never lands in the middle of a frame its writer has half sent.
@@ -91,9 +92,12 @@ class NodeLink:
     # ------------------------------------------------------------ reading side
     def start_reader(self) -> None:
         """Read in the background from now on (once per process; only toward a Node peer)."""
-        if not self.node_peer or self._reader_pid == os.getpid() or not self._channel.connected:
+        if not self.node_peer or self._reader_pid == os.getpid():
             return
-        self._reader_pid = os.getpid()
+        with self._start_lock:
+            if self._reader_pid == os.getpid() or not self._channel.connected:
+                return
+            self._reader_pid = os.getpid()
         threading.Thread(target=self._read_forever, name="forkio-node-reader", daemon=True).start()
 
     @property
@@ -104,12 +108,6 @@ class NodeLink:
     def add_waker(self, wake: Callable[[], None]) -> None:
         """Call ``wake()`` (from the reader thread) after every read; for the asyncio face."""
         self._wakers.append(wake)
-
-    def remove_waker(self, wake: Callable[[], None]) -> None:
-        try:
-            self._wakers.remove(wake)
-        except ValueError:
-            pass
 
     def _read_forever(self) -> None:
         channel = self._channel
