@@ -215,6 +215,21 @@ def test_udp_socket_from_node_parent(children: Path) -> None:
                      "blocking": True}
 
 
+def test_async_child_of_node_parent(children: Path) -> None:
+    """aparent under a Node parent: messages and a handle in order, answers out, a handle back to Node."""
+    lines = _node_parent(children, "async-echo")
+    port = lines[1]["message"]["echo"]["port"]
+    assert lines == [
+        {"message": {"echo": {"n": 1}, "handle": None}, "handle": None},
+        {"message": {"echo": {"n": 2, "port": port},
+                     "handle": {"type": "SOCK_STREAM", "port": port, "listening": True, "blocking": True}},
+         "handle": None},
+        {"message": {"echo": {"n": 3}, "handle": None}, "handle": None},
+        {"message": "back", "handle": "Server"},
+        {"exit": 0, "signal": None},
+    ]
+
+
 def test_iterating_advanced_channel_raises(children: Path) -> None:
     """Under serialization 'advanced', `for msg in parent` fails as recv() does, instead of ending quietly."""
     lines = _node_parent(children, "advanced-iter")

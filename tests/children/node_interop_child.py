@@ -56,6 +56,23 @@ elif scenario == "dgram":
     handle.close()
     for _ in parent:
         pass
+elif scenario == "async-echo":
+    import asyncio
+
+    from forkio import aparent
+
+    async def main():
+        for _ in range(3):
+            message, handle = await aparent.recv(with_handle=True)
+            await aparent.send({"echo": message, "handle": None if handle is None else describe(handle)})
+            if handle is not None:
+                server = handle
+        await aparent.send("back", server)
+        server.close()
+        async for _ in aparent:
+            pass
+
+    asyncio.run(main())
 elif scenario == "advanced-iter":
     for _ in parent:
         pass

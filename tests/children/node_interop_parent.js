@@ -113,6 +113,25 @@ const scenarios = {
     child.on('message', (m) => { out({message: m}); child.disconnect(); });
   },
 
+  // An asyncio child (aparent): messages and a handle in, answers out, then a handle back.
+  'async-echo'() {
+    const child = fork();
+    const server = net.createServer();
+    server.listen(0, '127.0.0.1', () => {
+      child.send({n: 1});
+      child.send({n: 2, port: server.address().port}, server);
+      child.send({n: 3});
+    });
+    child.on('message', (m, handle) => {
+      out({message: m, handle: handle ? handle.constructor.name : null});
+      if (handle) {
+        handle.close();
+        server.close();
+        child.disconnect();
+      }
+    });
+  },
+
   // serialization 'advanced' is V8's format, which forkio does not speak: iterating must say so.
   'advanced-iter'() {
     const child = fork({serialization: 'advanced', stdio: ['inherit', 'inherit', 'pipe', 'ipc']});
