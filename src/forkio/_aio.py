@@ -93,9 +93,9 @@ class AsyncEndpoint:
         while outgoing:
             entry = outgoing[0]
             try:
-                if entry.handle_data is not None:
-                    while channel._node is not None and channel._node.awaiting_ack:
-                        await self._woken(loop)
+                if entry.handle_data is not None and channel._node is not None and channel._node.awaiting_ack:
+                    await self._woken(loop)
+                    continue  # an answer may have been put first meanwhile
                 sent = _try_send(channel, entry.view, entry.fds, entry.handle_data)
                 entry.handle_data = None
             except ChannelClosed as exc:
@@ -196,7 +196,11 @@ class AsyncEndpoint:
         node.add_waker(wake)
 
     def _queue_reply(self, channel: Channel, data: bytes, fds: list[int]) -> None:
-        self._outgoing.append(_Outgoing(memoryview(data), fds, None, False, None))
+        # First in line (after a frame half sent), as Node's answers skip its queue: a handle of
+        # ours waiting for its ACK must not hold back our ACK of the peer's.
+        outgoing = self._outgoing
+        reply = _Outgoing(memoryview(data), fds, None, False, None)
+        outgoing.insert(1 if outgoing and outgoing[0].started else 0, reply)
         if self._writer is None or self._writer.done():
             loop = asyncio.get_running_loop()
             self._writer = loop.create_task(self._write_outgoing(channel, loop))
