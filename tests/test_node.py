@@ -14,6 +14,7 @@ import pytest
 
 import forkio
 from forkio import SerializationError
+from forkio._handles import LONG_WAIT
 
 
 def test_python_parent_node_child(children: Path) -> None:
@@ -107,7 +108,7 @@ def test_node_server_counts_and_closes_through_forkio_child(children: Path) -> N
     """A Node server's sockets held by a forkio child: getConnections() counts them, close() waits for them."""
     lines = _node_parent(children, "socket-list")
     assert lines == [
-        {"message": {"got": 3, "blocking": [True, True, True]}},  # handed over blocking, as Python says
+        {"message": {"got": 3, "waits": [True, True, True]}},  # Python waits on them (no BlockingIOError)
         {"count": 3, "err": None},  # NODE_SOCKET_GET_COUNT answered with the sockets held
         {"message": {"closed": 0}},
         {"count": 2, "err": None},
@@ -148,8 +149,9 @@ def test_forkio_child_acknowledges_handles_without_reading(children: Path) -> No
     assert lines[0] == {"delivered": "three"}  # both ACKs came before the child read anything
     got = lines[1]["message"]["got"]
     port = got[0][1]["port"]
-    listening = {"type": "SOCK_STREAM", "port": port, "listening": True, "blocking": True}
+    listening = {"type": "SOCK_STREAM", "port": port, "listening": True, "waits": True, "nonblocking_fd": True}
     assert got == [["one", listening], ["two", listening], ["three", None]]
+    assert lines[1]["nodeServerNonBlocking"]  # the flag Node's own server shares was left alone
     assert lines[2] == {"exit": 0, "signal": None}
 
 
@@ -163,7 +165,8 @@ def test_forkio_parent_acknowledges_handles_without_reading(children: Path) -> N
         for message, handle in got[:2]:  # net.Server, then net.Native: sockets both
             assert isinstance(handle, socket.socket)
             assert handle.getsockname()[1] == message["port"]
-            assert handle.gettimeout() is None and os.get_blocking(handle.fileno())
+            assert handle.gettimeout() == LONG_WAIT  # waits like a blocking socket...
+            assert not os.get_blocking(handle.fileno())  # ...without changing the flag Node shares
             handle.close()
         assert got[2][1] is None
 
@@ -208,11 +211,13 @@ def test_udp_socket_to_node_child(children: Path, family: socket.AddressFamily) 
 
 
 def test_udp_socket_from_node_parent(children: Path) -> None:
-    """A Node dgram.Socket arrives in a forkio child as a blocking SOCK_DGRAM socket, same port."""
+    """A Node dgram.Socket arrives in a forkio child as a SOCK_DGRAM socket on which a plain recvfrom() waits."""
     lines = _node_parent(children, "dgram")
     reply = lines[0]["message"]
     assert reply == {"sent": reply["port"], "type": "SOCK_DGRAM", "port": reply["port"], "listening": False,
-                     "blocking": True}
+                     "waits": True, "nonblocking_fd": True}
+    assert lines[1] == {"message": {"received": "datagram"}}  # sent only once the child was waiting
+    assert lines[2] == {"exit": 0, "signal": None}
 
 
 def test_async_child_of_node_parent(children: Path) -> None:
@@ -222,7 +227,8 @@ def test_async_child_of_node_parent(children: Path) -> None:
     assert lines == [
         {"message": {"echo": {"n": 1}, "handle": None}, "handle": None},
         {"message": {"echo": {"n": 2, "port": port},
-                     "handle": {"type": "SOCK_STREAM", "port": port, "listening": True, "blocking": True}},
+                     "handle": {"type": "SOCK_STREAM", "port": port, "listening": True, "waits": True,
+                                "nonblocking_fd": True}},
          "handle": None},
         {"message": {"echo": {"n": 3}, "handle": None}, "handle": None},
         {"message": "back", "handle": "Server"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import json
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 from forkio import WaitTimeout
 from forkio import _channel as channel_module
 from forkio._channel import Channel
+from forkio._handles import LONG_WAIT, NODE_SOCKET, rebuild_handle
 
 
 class FakeNode:
@@ -141,3 +143,23 @@ def test_socket_list_counts_keyed_sockets(pair: tuple[Channel, FakeNode]) -> Non
         b.close()
     with pytest.raises(WaitTimeout):
         channel.recv(timeout=0.05)
+
+
+def test_received_sockets_wait_and_keep_the_flags_they_share() -> None:
+    """A socket that arrives non-blocking waits like a blocking one, and its shared O_NONBLOCK stays set.
+
+    The flag belongs to the open file, shared with the sender: clearing it would block a Node
+    sender's event loop. A blocking socket arrives as it was (no timeout).
+    """
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)  # as Node (or asyncio) keeps its sockets
+        received = rebuild_handle(os.dup(a.fileno()), NODE_SOCKET)
+        with received:
+            assert received.gettimeout() == LONG_WAIT
+            threading.Timer(0.1, b.sendall, (b"late",)).start()
+            assert received.recv(4) == b"late"  # waited for it: no BlockingIOError
+            assert not os.get_blocking(a.fileno())  # the sender's side is still non-blocking
+        a.setblocking(True)
+        with rebuild_handle(os.dup(a.fileno()), NODE_SOCKET) as plain:
+            assert plain.gettimeout() is None

@@ -23,6 +23,9 @@ NODE_NATIVE = "net.Native"
 NODE_DGRAM_NATIVE = "dgram.Native"
 RAW_FD = "fd"
 SOCKET_KINDS = frozenset((NODE_SERVER, NODE_SOCKET, NODE_DGRAM, NODE_NATIVE, NODE_DGRAM_NATIVE))
+# The longest wait Python's socket timeouts get from poll() in one go (its int milliseconds):
+# about 24.8 days. See rebuild_handle.
+LONG_WAIT = (2**31 - 1) // 1000
 
 
 def handle_fd(handle: Handle) -> tuple[int, str]:
@@ -60,16 +63,22 @@ def node_handle_fields(handle: Handle) -> dict[str, str]:
 
 
 def rebuild_handle(fd: int, kind: str, socket_class: type[socket.socket] = socket.socket) -> Handle:
-    """The object a received fd becomes: a blocking ``socket_class`` for sockets, else the int fd itself."""
+    """The object a received fd becomes: a ``socket_class`` for sockets, else the int fd itself.
+
+    A socket waits like a blocking one whatever mode it arrives in. One that arrives
+    non-blocking (all of Node's do) keeps O_NONBLOCK: the flag belongs to the open file,
+    which the sender shares, and clearing it would make a Node sender's event loop block in
+    its next read or accept on that socket. It gets a timeout of ``LONG_WAIT`` seconds instead,
+    so that Python waits for it with poll(): no BlockingIOError, and ``gettimeout()`` says so.
+    """
     if kind in SOCKET_KINDS:
         try:
             sock = socket_class(fileno=fd)
         except OSError:
             os.close(fd)
             raise
-        # Node hands its sockets over non-blocking; a Python socket without a timeout is a
-        # blocking one, and a plain recv() must not raise BlockingIOError.
-        sock.setblocking(True)
+        if not os.get_blocking(fd):
+            sock.settimeout(LONG_WAIT)
         return sock
     return fd
 

@@ -9,9 +9,11 @@ from forkio import ChannelClosed, parent
 def describe(handle):
     if not isinstance(handle, socket.socket):
         return repr(handle)
+    # "waits": Python waits on it (no BlockingIOError), while the flag it shares with Node stays as Node set it
     return {"type": handle.type.name, "port": handle.getsockname()[1],
             "listening": bool(handle.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)),
-            "blocking": handle.gettimeout() is None and os.get_blocking(handle.fileno())}
+            "waits": handle.gettimeout() is None or handle.gettimeout() >= 24 * 86400,
+            "nonblocking_fd": not os.get_blocking(handle.fileno())}
 
 
 def messages():
@@ -29,7 +31,7 @@ if scenario == "socket-list":
         if message.get("cmd") == "new":
             sockets[message["n"]] = handle
             if len(sockets) == 3:
-                parent.send({"got": 3, "blocking": [describe(s)["blocking"] for s in sockets.values()]})
+                parent.send({"got": 3, "waits": [describe(s)["waits"] for s in sockets.values()]})
         elif "close" in message:
             sockets.pop(message["close"]).close()
             parent.send({"closed": message["close"]})
@@ -53,6 +55,8 @@ elif scenario == "handles-then-disconnect":
 elif scenario == "dgram":
     message, handle = parent.recv(with_handle=True)
     parent.send({"sent": message["port"], **describe(handle)})
+    data, _ = handle.recvfrom(100)  # a plain wait: the datagram is sent only after this report
+    parent.send({"received": data.decode()})
     handle.close()
     for _ in parent:
         pass

@@ -7,7 +7,10 @@ const dgram = require('dgram');
 const net = require('net');
 
 const [scenario, script, python] = process.argv.slice(2);
+const fs = require('fs');
 const out = (x) => process.stdout.write(JSON.stringify(x) + '\n');
+// Whether an fd of ours is non-blocking (O_NONBLOCK, octal 04000, in /proc's fdinfo flags).
+const nonBlocking = (fd) => (parseInt(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8').match(/flags:\s+(\d+)/)[1], 8) & 0o4000) !== 0;
 const timer = setTimeout(() => { out({fail: 'timed out'}); process.exit(1); }, 20000);
 
 function fork(options) {
@@ -70,7 +73,7 @@ const scenarios = {
       });
     });
     child.on('message', (m) => {
-      out({message: m});
+      out({message: m, nodeServerNonBlocking: nonBlocking(server._handle.fd)});
       server.close();
       child.disconnect();
     });
@@ -105,12 +108,17 @@ const scenarios = {
   'dgram'() {
     const child = fork();
     const udp = dgram.createSocket('udp4');
-    udp.bind(0, '127.0.0.1', () => {
-      const port = udp.address().port;
-      child.send({port}, udp);
-      udp.close();
+    udp.bind(0, '127.0.0.1', () => child.send({port: udp.address().port}, udp));
+    child.on('message', (m) => {
+      out({message: m});
+      if (m.sent) {
+        udp.close(); // the child's copy alone receives the datagram, sent once the child waits
+        const sender = dgram.createSocket('udp4');
+        sender.send('datagram', m.port, '127.0.0.1', () => sender.close());
+      } else {
+        child.disconnect();
+      }
     });
-    child.on('message', (m) => { out({message: m}); child.disconnect(); });
   },
 
   // An asyncio child (aparent): messages and a handle in, answers out, then a handle back.
