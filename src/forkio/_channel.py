@@ -347,9 +347,10 @@ class Channel:
             raise ChannelClosed(f"peer closed the channel: it failed to start: {self.peer_failure}")
         raise ChannelClosed("peer closed the channel")
 
-    def read_pending(self) -> None:
-        """Decode what has arrived, without waiting (and not at all while another thread reads)."""
-        if self._read_lock.acquire(blocking=False):
+    def read_pending(self, wait: float = 0.0) -> None:
+        """Decode what has arrived, without waiting for more; if another thread is reading, wait up to
+        ``wait`` seconds for it to finish (it decodes for everyone), else leave it to that thread."""
+        if self._read_lock.acquire(timeout=wait) if wait > 0 else self._read_lock.acquire(blocking=False):
             try:
                 while self.connected and self.read_available():
                     pass

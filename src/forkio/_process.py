@@ -85,12 +85,12 @@ class _Process:
         """
         return self._startup_error()
 
-    def _startup_error(self) -> str | None:
+    def _startup_error(self, wait: float = 0.0) -> str | None:
         channel: Channel | None = getattr(self, "_channel", None)  # the endpoint's (both faces have one)
         if channel is None:
             return None
         if channel.peer_failure is None and channel.connected and self._popen.poll() is not None:
-            channel.read_pending()  # it is the first and last thing such a child sends
+            channel.read_pending(wait)  # it is the first and last thing such a child sends
         return channel.peer_failure
 
     @property
@@ -208,7 +208,7 @@ class ChildProcess(_Process, Endpoint):
         reader = self._reader
         if reader is not None:
             reader.join(1.0)  # let the reader deliver what the child sent before exiting
-        self._startup_error()  # known before the listeners run
+        self._startup_error(wait=1.0)  # known before the listeners run (a recv() may be reading it)
         with self._exit_lock:
             if self._exit_emitted:
                 return
