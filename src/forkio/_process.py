@@ -207,7 +207,7 @@ class ChildProcess(_Process, Endpoint):
         code = self.wait()
         reader = self._reader
         if reader is not None:
-            reader.join(1.0)  # let the reader deliver what the child sent before exiting
+            self._delivered_all(reader)  # "exit" comes after every message the child sent
         self._startup_error(wait=1.0)  # known before the listeners run (a recv() may be reading it)
         with self._exit_lock:
             if self._exit_emitted:

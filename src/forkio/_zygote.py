@@ -332,6 +332,23 @@ def _get(preload: tuple[str, ...], startup_env: tuple[tuple[str, str], ...]) -> 
         return zygote
 
 
+def retire(preload: Iterable[str] | None = None) -> int:
+    """Close the zygotes that preload ``preload`` (default: ``get_preload()``); how many there were.
+
+    The next fork that needs one starts a new zygote, which imports those modules afresh: how
+    a reload serves edited code. Children cloned by the old ones are ours and live on.
+    """
+    wanted = _normalise(preload)
+    with _registry_lock:
+        old = [key for key in _zygotes if key[0] == wanted]
+        zygotes = [_zygotes.pop(key) for key in old]
+        for key in [key for key in _failures if key[0] == wanted]:
+            del _failures[key]  # a preload that failed may import now
+    for zygote in zygotes:
+        zygote.close()
+    return len(zygotes)
+
+
 def _ignored_signals() -> list[int]:
     """Signals this process ignores: an exec'd child inherits that (SIGPIPE/SIGXFSZ excepted)."""
     getsignal, ignore = _signal.getsignal, _signal.SIG_IGN  # the C functions: no enum conversions
