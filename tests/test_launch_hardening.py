@@ -47,6 +47,21 @@ def test_zygote_killed_between_clone_and_answer_starts_one_child(
     assert dead_zygote not in _our_children(), "the dead zygote was not reaped"
 
 
+def test_zygote_hung_after_clone_is_killed_and_its_child_taken(
+        children: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zygote that stops answering is killed; the child it had cloned answers for itself."""
+    flag, log = tmp_path / "zygote-hung", tmp_path / "runs"
+    monkeypatch.setattr(_zygote, "REPLY_TIMEOUT", 1.0)
+    monkeypatch.setenv("FORKIO_TEST_HANG_AFTER_CLONE", str(flag))
+    before = _our_children()
+    child = forkio.fork(children / "mark.py", [str(log)], preload=HOOKS, start="zygote")
+    hung_zygote = int(flag.read_text())
+    assert _our_children() - before - {hung_zygote} == {child.pid}
+    assert child.close() == 0
+    assert log.read_text().split() == [str(child.pid)]
+    assert gone(hung_zygote, within=5.0)
+
+
 # ------------------------------------------------------------------ a process shortage
 def test_one_eagain_from_clone_fails_one_fork_only(
         children: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -259,6 +259,12 @@ def fork(script: str | os.PathLike[str] | None = None, args: Sequence[str] = (),
     ``preload`` modules already imported: a few milliseconds) where that is safe, and execs a
     fresh interpreter otherwise; ``"zygote"`` insists, ``"exec"`` never uses one. ``preload``
     defaults to ``forkio.set_preload(...)``'s list. ``child.start_method`` says which it was.
+
+    Everything is checked before anything starts: a bad option is a ``TypeError`` or
+    ``ValueError`` (``args`` and ``env`` take str, bytes or os.PathLike; ``timeout`` > 0 seconds,
+    ``inf`` for none; ``kill_signal`` a number or a name such as ``"SIGINT"``), a script that is
+    missing, a directory without ``__main__.py`` or unreadable the ``OSError`` opening it would
+    give. No process to be had (``RLIMIT_NPROC``...) raises that ``OSError``; nothing is disabled.
     """
     timeout, kill_signal = timeout_arg(timeout, zero=False), signal_arg(kill_signal, "kill_signal")
     spec = build_spec(script, args, module=module, cwd=cwd, env=env, executable=executable, exec_args=exec_args,
