@@ -438,9 +438,16 @@ class Channel:
         raise ChannelClosed("peer closed the channel")
 
     def read_pending(self, wait: float = 0.0) -> None:
-        """Decode what has arrived, without waiting for more; if another thread is reading, wait up to
-        ``wait`` seconds for it to finish (it decodes for everyone), else leave it to that thread."""
-        if self._read_lock.acquire(timeout=wait) if wait > 0 else self._read_lock.acquire(blocking=False):
+        """Decode what has arrived, without waiting for more. While another thread reads, leave it
+        to that thread; with ``wait``, when there is something to read, wait up to that long for
+        it to have decoded it (a reader blocked on an idle socket is not waited for)."""
+        locked = self._read_lock.acquire(blocking=False)
+        if not locked and wait > 0:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+            if any(events & (select.POLLIN | select.POLLHUP) for _, events in poller.poll(0)):
+                locked = self._read_lock.acquire(timeout=wait)
+        if locked:
             try:
                 while self.connected and self.read_available():
                     pass
