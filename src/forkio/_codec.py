@@ -608,16 +608,19 @@ class JsonDecoder(_Decoder):
         return out
 
     def _too_long(self, out: list[Incoming]) -> None:
+        """The line being received passed the limit: say so now, drop the rest as it comes."""
         self._buffer = bytearray()
         self._skipping = True
+        self._refuse_long_line(out)
+
+    def _refuse_long_line(self, out: list[Incoming]) -> None:
         out.append((None, _NO_FDS, None, False, ProtocolError(f"message line longer than max_frame_size={self._max}")))
 
     def _line(self, line: bytes, at: int, out: list[Incoming]) -> None:
         if not line.strip():
             return  # Node never sends blank lines; tolerate them rather than fail
         if len(line) > self._max:
-            out.append((None, _NO_FDS, None, False,
-                        ProtocolError(f"message line longer than max_frame_size={self._max}")))
+            self._refuse_long_line(out)
             return
         try:
             obj = self._loads(line.decode("utf-8"))
