@@ -280,3 +280,19 @@ def test_fds_follow_their_frame_whatever_the_chunks(with_fd: list[bool], cuts: l
                 os.close(fd)
             except OSError:
                 pass
+
+
+def test_handle_frame_without_its_pair_fails_alone() -> None:
+    """A handle frame whose payload is not (message, kind) is an error item; its fd is closed and
+    the frames after it decode."""
+    import pickle
+
+    r, w = os.pipe()
+    try:
+        payload = pickle.dumps("not a pair", 5)
+        stream = struct.pack(">BBBBI", 0xF5, 1, 1, 0, len(payload)) + payload + PickleCodec().encode("after")
+        items = PickleCodec().decoder().feed(stream, [r])
+        assert isinstance(items[0][4], SerializationError) and items[1][0] == "after"
+        assert not _is_open(r)
+    finally:
+        os.close(w)
