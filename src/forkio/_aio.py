@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ._channel import Channel
+from ._check import timeout_arg
 from ._errors import ChannelClosed, WaitTimeout
 from ._handles import Handle
 
@@ -104,6 +105,8 @@ class AsyncEndpoint:
     async def recv(self, timeout: float | None = None, *, with_handle: bool = False) -> Any:
         """The next message (see ``Endpoint.recv``), awaiting it without blocking the loop."""
         channel = self.channel
+        if timeout is not None:
+            timeout = timeout_arg(timeout)
         if timeout is None:
             return await self._recv(channel, with_handle)
         try:

@@ -32,6 +32,10 @@ from ._errors import ChannelClosed, ProtocolError, SerializationError, WaitTimeo
 from ._handles import Handle, close_fds, handle_fd, rebuild_handle
 
 RECV_SIZE = 64 * 1024
+CONTROL_CMD = "NODE_CLUSTER"  # Node's own name for cluster messages: internal on both kinds of channel
+# A forkio child that fails before its target's first line (a syntax error, a module not found)
+# says why in this internal message before it exits. NODE_ prefix: a Node parent ignores it.
+STARTUP_FAILED = "NODE_FORKIO_STARTUP_FAILED"
 _MAX_FDS_PER_READ = 64
 _ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS_PER_READ * 4)
 # Plain ints: or-ing the socket module's IntFlag members costs a microsecond per read.
@@ -97,9 +101,14 @@ class Channel:
         self._eof = False
         self._closed = False
         self._broken: BaseException | None = None
+        #: What the peer said about failing to start (``STARTUP_FAILED``), once received.
+        self.peer_failure: str | None = None
         # Used only by the one thread reading at a time, for recv(timeout=...).
         self._in_poll = select.poll()
         self._in_poll.register(sock, select.POLLIN)
+        #: Called as ``on_control(message, fds)`` for each control message (``cmd == "NODE_CLUSTER"``),
+        #: by whichever thread reads; it owns the fds. Without it they are dropped, as Node drops them.
+        self.on_control: Any = None
 
     # ----------------------------------------------------------------- state
     @property
@@ -111,6 +120,11 @@ class Channel:
     def exhausted(self) -> bool:
         """True once the channel is closed and every message received has been taken."""
         return not self._inbox and not self.connected
+
+    @property
+    def ended(self) -> bool:
+        """True once the peer closed its end or the channel broke (not when this end closed it)."""
+        return self._eof or self._broken is not None
 
     def fileno(self) -> int:
         return self.fd
@@ -239,6 +253,32 @@ class Channel:
         if frames:
             self.send_bytes(b"".join(frames))
 
+    def send_control(self, message: dict[str, Any], fds: Iterable[int] = ()) -> None:
+        """Send a control message (``cmd`` set to ``"NODE_CLUSTER"``) that the peer's ``recv`` never returns.
+
+        Pickle channels mark it as a control frame; JSON channels rely on Node's ``NODE_`` prefix.
+        """
+        message = {**message, "cmd": CONTROL_CMD}
+        fds = list(fds)
+        if self._pickle is not None:
+            data = self._pickle.encode(message, control=True, raw_fds=len(fds))
+        else:
+            data = self.codec.encode(message)
+        self.send_bytes(data, fds)
+
+    def fill(self) -> None:
+        """Wait for data and decode it into the inbox, as one reader among others.
+
+        For a thread that watches a channel (its control messages, its end) while other threads
+        ``recv`` its messages: what it decodes waits in the inbox for them.
+        """
+        with self._read_lock:
+            if self.connected:
+                self.read_available(block=True)
+        if self._waiting:
+            with self._cond:
+                self._cond.notify_all()
+
     def send_fds(self, message: Message, fds: list[int]) -> None:
         """Send one message with several fds; the receiver gets them from ``recv_fds``."""
         data, all_fds = self.encode_fds(message, fds)
@@ -359,7 +399,11 @@ class Channel:
             except ChannelClosed:
                 pass
             self._inbox.append((msg.get("msg"), fds, handle_kind, False, None))
+        elif self.on_control is not None and isinstance(msg, dict) and msg.get("cmd") == CONTROL_CMD:
+            self.on_control(msg, fds)
         else:
+            if isinstance(msg, dict) and msg.get("cmd") == STARTUP_FAILED:
+                self.peer_failure = str(msg.get("error"))
             close_fds(fds)
 
     def _map_segment(self, fd: int, reusable: bool) -> memoryview:
@@ -389,7 +433,21 @@ class Channel:
             raise ChannelClosed("channel is closed")
         if self._broken is not None and not isinstance(self._broken, ProtocolError):
             raise ChannelClosed("channel is broken") from self._broken
+        if self.peer_failure is not None:
+            raise ChannelClosed(f"peer closed the channel: it failed to start: {self.peer_failure}")
         raise ChannelClosed("peer closed the channel")
+
+    def read_pending(self) -> None:
+        """Decode what has arrived, without waiting (and not at all while another thread reads)."""
+        if self._read_lock.acquire(blocking=False):
+            try:
+                while self.connected and self.read_available():
+                    pass
+            finally:
+                self._read_lock.release()
+            if self._waiting:
+                with self._cond:
+                    self._cond.notify_all()
 
     def pop_fds(self) -> tuple[Any, list[int]]:
         """Take the next decoded message with every fd that came with it (the caller owns them)."""

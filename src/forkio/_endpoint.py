@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ._channel import Channel
+from ._check import timeout_arg
 from ._errors import ChannelClosed
 from ._events import EventEmitter
 from ._handles import Handle
@@ -63,6 +64,8 @@ class Endpoint(EventEmitter):
         Raises ``WaitTimeout`` after ``timeout`` seconds and ``ChannelClosed`` once the
         channel is closed and every message has been received.
         """
+        if timeout is not None:
+            timeout = timeout_arg(timeout)
         try:
             return self.channel.recv(timeout, with_handle=with_handle)
         except ChannelClosed:
