@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -296,3 +297,25 @@ def test_handle_frame_without_its_pair_fails_alone() -> None:
         assert not _is_open(r)
     finally:
         os.close(w)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.text(max_size=60), min_size=1, max_size=8), st.lists(st.integers(0, 2_000), max_size=10))
+def test_json_lines_over_the_limit_cost_only_themselves(texts: list[str], cuts: list[int]) -> None:
+    """With a small max_frame_size and any chunking, each line too long becomes one error item in
+    its place, every other line decodes, and nothing over the limit is ever held."""
+    limit = 40
+    codec = JsonCodec(max_frame_size=limit)
+    lines = [json.dumps(t, ensure_ascii=False).encode() for t in texts]
+    stream = b"".join(line + b"\n" for line in lines)
+    expected = [("error" if len(line) > limit else t) for line, t in zip(lines, texts, strict=True)]
+    decoder = codec.decoder()
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    out: list[object] = []
+    start = 0
+    for point in [*points, len(stream)]:
+        for item in decoder.feed(stream[start:point]):
+            out.append("error" if isinstance(item[4], ProtocolError) else item[0])
+        assert decoder.pending <= limit
+        start = point
+    assert out == expected
