@@ -173,7 +173,7 @@ class ChildProcess(_Process, Endpoint):
 
     Events: ``"message"`` (message[, handle]), ``"disconnect"``, ``"exit"`` (exit_code,
     signal_name) and ``"error"`` (exception). ``"exit"`` fires once, after the reader has
-    delivered every message.
+    delivered every message the child sent (so a ``"message"`` listener must not wait for it).
     """
 
     _events = ("message", "disconnect", "exit", "error")
