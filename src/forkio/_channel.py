@@ -464,9 +464,17 @@ class Channel:
             raise ChannelClosed(f"peer closed the channel: it failed to start: {self.peer_failure}")
         raise ChannelClosed("peer closed the channel")
 
-    def read_pending(self) -> None:
-        """Decode what has arrived, without waiting (and not at all while another thread reads)."""
-        if self._read_lock.acquire(blocking=False):
+    def read_pending(self, wait: float = 0.0) -> None:
+        """Decode what has arrived, without waiting for more. While another thread reads, leave it
+        to that thread; with ``wait``, when there is something to read, wait up to that long for
+        it to have decoded it (a reader blocked on an idle socket is not waited for)."""
+        locked = self._read_lock.acquire(blocking=False)
+        if not locked and wait > 0:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+            if any(events & (select.POLLIN | select.POLLHUP) for _, events in poller.poll(0)):
+                locked = self._read_lock.acquire(timeout=wait)
+        if locked:
             try:
                 while self.connected and self.read_available():
                     pass
