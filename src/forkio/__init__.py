@@ -23,10 +23,12 @@ from ._parent import Parent as Parent
 from ._parent import parent as parent
 
 if TYPE_CHECKING:
+    from . import cluster as cluster
     from ._aprocess import AsyncChildProcess as AsyncChildProcess
     from ._aprocess import AsyncParent as AsyncParent
     from ._aprocess import afork as afork
     from ._aprocess import aparent as aparent
+    from ._pool import BrokenPool as BrokenPool
     from ._pool import Pool as Pool
     from ._pool import PoolClosed as PoolClosed
     from ._pool import RemoteError as RemoteError
@@ -52,6 +54,7 @@ _LAZY = {
     "ChildProcess": "._process",
     "fork": "._process",
     "Pool": "._pool",
+    "BrokenPool": "._pool",
     "PoolClosed": "._pool",
     "RemoteError": "._pool",
     "TaskFuture": "._pool",
@@ -67,6 +70,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "cluster":  # a subpackage: ``forkio.cluster`` works after a plain ``import forkio``
+        return importlib.import_module(".cluster", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'forkio' has no attribute {name!r}")
@@ -76,13 +81,14 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"cluster"})
 
 
 __all__ = [
     "AsyncChildProcess",
     "AsyncParent",
     "ChannelClosed",
+    "BrokenPool",
     "ChildProcess",
     "ForkioError",
     "Parent",
@@ -101,6 +107,7 @@ __all__ = [
     "ZygoteError",
     "afork",
     "aparent",
+    "cluster",
     "fork",
     "get_preload",
     "parent",

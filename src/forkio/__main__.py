@@ -64,6 +64,8 @@ COMMANDS: tuple[Callable[[Any], argparse.ArgumentParser], ...] = (add_map_comman
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``forkio`` command; returns its exit status."""
+    from .cluster._cli import add_commands as add_cluster_commands
+
     cli = Parser(prog="forkio", description="forkio: child processes with a message channel, and a crash-proof pool")
     cli.add_argument("--version", action="version", version=f"forkio {__version__}")
     commands = cli.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -72,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub = add(commands)
         if sub.get_default("intermixed"):
             intermixed[sub.prog.rsplit(" ", 1)[-1]] = sub
+    add_cluster_commands(commands)  # forkio serve, forkio cluster
     words = list(sys.argv[1:] if argv is None else argv)
     try:
         if words and words[0] in intermixed:

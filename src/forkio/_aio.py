@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ._channel import Channel
+from ._check import timeout_arg
 from ._errors import ChannelClosed, WaitTimeout
 from ._handles import Handle
 
@@ -51,7 +52,7 @@ class AsyncEndpoint:
         started is dropped.
         """
         channel = self.channel
-        data, fds = channel.encode(message, handle)
+        data, fds = await _encode(channel, message, handle)
         view = memoryview(data)
         started = False
         if not self._outgoing:
@@ -70,6 +71,7 @@ class AsyncEndpoint:
         except asyncio.CancelledError:
             if not entry.started and entry in self._outgoing:
                 self._outgoing.remove(entry)
+                channel.withdraw(entry.fds)  # its shared segment goes back now, not at close
             raise
 
     async def _write_outgoing(self, channel: Channel, loop: asyncio.AbstractEventLoop) -> None:
@@ -81,6 +83,7 @@ class AsyncEndpoint:
                 sent = channel.try_send(entry.view, entry.fds)
             except ChannelClosed as exc:
                 for waiting in outgoing:
+                    channel.withdraw(waiting.fds)
                     if not waiting.done.done():
                         waiting.done.set_exception(exc)
                 outgoing.clear()
@@ -102,6 +105,8 @@ class AsyncEndpoint:
     async def recv(self, timeout: float | None = None, *, with_handle: bool = False) -> Any:
         """The next message (see ``Endpoint.recv``), awaiting it without blocking the loop."""
         channel = self.channel
+        if timeout is not None:
+            timeout = timeout_arg(timeout)
         if timeout is None:
             return await self._recv(channel, with_handle)
         try:
@@ -170,6 +175,17 @@ class AsyncEndpoint:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             _resolve(waiter)
+
+
+async def _encode(channel: Channel, message: Any, handle: Handle | None) -> tuple[bytes, list[int]]:
+    """``channel.encode`` without blocking the loop while the peer is behind on shared segments."""
+    delay = 0.0005
+    while True:
+        try:
+            return channel.encode(message, handle, wait=False)
+        except BlockingIOError:
+            await asyncio.sleep(delay)  # nothing signals the peer's reading: poll, backing off
+            delay = min(delay * 2, 0.02)
 
 
 class _Outgoing:

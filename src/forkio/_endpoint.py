@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ._channel import Channel
+from ._check import timeout_arg
 from ._errors import ChannelClosed
 from ._events import EventEmitter
 from ._handles import Handle
@@ -31,6 +32,7 @@ class Endpoint(EventEmitter):
         self._channel = channel
         self._reason = reason  # why there is no channel, for the error when there is none
         self._reader: threading.Thread | None = None
+        self._delivering = False  # the reader is inside a listener (see ``_delivered_all``)
         self._disconnect_lock = threading.Lock()
         self._disconnect_emitted = False
 
@@ -62,6 +64,8 @@ class Endpoint(EventEmitter):
         Raises ``WaitTimeout`` after ``timeout`` seconds and ``ChannelClosed`` once the
         channel is closed and every message has been received.
         """
+        if timeout is not None:
+            timeout = timeout_arg(timeout)
         try:
             return self.channel.recv(timeout, with_handle=with_handle)
         except ChannelClosed:
@@ -113,12 +117,46 @@ class Endpoint(EventEmitter):
             except ChannelClosed:
                 return
             except Exception as exc:  # a message that failed to decode: report, keep reading
+                self._delivering = True
                 if not self.emit("error", exc):
                     import traceback
 
                     traceback.print_exception(exc)
+                self._delivering = False
                 continue
+            self._delivering = True
             self._deliver(message, handle)
+            self._delivering = False
+
+    def _delivered_all(self, reader: threading.Thread) -> None:
+        """Wait until the reader thread has delivered every message the peer sent before it exited.
+
+        The reader ends at the channel's EOF, which follows the peer's exit unless another process
+        (one it forked) still holds its end. Then the peer's last messages are in our socket
+        already: they are all delivered once the socket and the inbox stay empty and the reader
+        stays outside the listeners for a while (sampled, so that a thread switch between taking
+        a message and calling its listener cannot pass for idleness).
+        """
+        import select
+        import time
+
+        channel = self._channel
+        poller = select.poll()
+        if channel is not None:
+            poller.register(channel.fd, select.POLLIN)
+        idle_since: float | None = None
+        while True:
+            reader.join(0.05)
+            if not reader.is_alive() or channel is None:
+                return
+            if self._delivering or channel._inbox or poller.poll(0):
+                idle_since = None
+                continue
+            now = time.monotonic()
+            if idle_since is None:
+                idle_since = now
+            elif now - idle_since >= 0.25:
+                return
 
     def _deliver(self, message: Any, handle: Handle | None) -> None:
         with self._listeners_lock:
