@@ -155,6 +155,28 @@ def test_failing_preload_is_one_line_and_status_2() -> None:
     assert "No module named 'nosuchmod'" in result.stderr
 
 
+CRASH_IN_WORKERS = """\
+import os
+import signal
+
+# Imports fine in forkio map's own process, dies in every worker (a native extension might).
+if os.environ.setdefault("CRASH_OWNER_PID", str(os.getpid())) != str(os.getpid()):
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def f(x):
+    return x
+"""
+
+
+def test_workers_that_cannot_start_stop_the_run_with_status_3(tmp_path: Path) -> None:
+    """Not one failure line per input: one line saying why the pool broke, status 3."""
+    (tmp_path / "crashy.py").write_text(CRASH_IN_WORKERS)
+    result = forkio_cli("map", f"{tmp_path}/crashy.py:f", *map(str, range(50)), timeout=30)
+    assert_one_line_error(result, "the pool stopped after 0 inputs: the pool is broken", status=3)
+    assert "SIGSEGV" in result.stderr and result.stdout == ""
+
+
 # ---- 4. input that is not text ------------------------------------------------------------------
 
 def test_input_that_is_not_utf8_is_refused_on_every_route(tmp_path: Path) -> None:

@@ -411,7 +411,6 @@ class _MapRun:
              interrupts: _Interrupts) -> int:
         from ._pool import Pool
         from ._progress import ProgressBar
-        from ._zygote import PreloadError
 
         args = self.args
         origin: dict[int, int] = {}  # position in what the pool is given -> index among all inputs
@@ -428,8 +427,9 @@ class _MapRun:
         try:
             try:
                 for result in pool.stream(fn, values(), ordered=args.ordered):
-                    if isinstance(result.error, PreloadError):
-                        raise UsageError(_preload_message(result.error))
+                    stopped = _pool_stopped(result.error, self.done)
+                    if stopped is not None:
+                        raise stopped  # not this input's failure: the run cannot go on
                     line = results.encode_line(origin.pop(result.index), result.input, result.error, result.value)
                     try:
                         output.write(line)
@@ -444,14 +444,11 @@ class _MapRun:
                         self.failures[kind] = self.failures.get(kind, 0) + 1
                     bar.update(1, failed=result.error is not None)
                     interrupts.check()
-            except ForkioError as exc:  # the pool itself stopped (not one input's failure)
-                cause: BaseException = exc
-                while cause.__cause__ is not None and not isinstance(cause, PreloadError):
-                    cause = cause.__cause__
-                if isinstance(cause, PreloadError):
-                    raise UsageError(_preload_message(cause)) from exc
-                why = f" ({type(cause).__name__}: {cause})" if cause is not exc else ""
-                raise RunError(f"the pool stopped after {self.done} inputs: {exc}{why}") from exc
+            except ForkioError as exc:
+                stopped = _pool_stopped(exc, self.done)
+                if stopped is None:
+                    raise
+                raise stopped from exc
             except OSError as exc:
                 if isinstance(exc, BrokenPipeError):
                     raise
@@ -473,8 +470,20 @@ class _MapRun:
         self.earlier_failures = max(0, answers.failed - sum(self.failures.values()))
 
 
-def _preload_message(error: BaseException) -> str:
-    return f"--preload: {error}".replace("forkio zygote: ", "")
+def _pool_stopped(error: BaseException | None, done: int) -> CliError | None:
+    """The error to stop the run with when ``error`` says the pool itself stopped (a preload that
+    fails, workers that cannot start), not that one input failed; None otherwise."""
+    from ._pool import PoolClosed
+    from ._zygote import PreloadError
+
+    cause = error
+    while cause is not None and not isinstance(cause, PreloadError):
+        cause = cause.__cause__
+    if cause is not None:
+        return UsageError(f"--preload: {cause}".replace("forkio zygote: ", ""))
+    if isinstance(error, PoolClosed):
+        return RunError(f"the pool stopped after {done} inputs: {error}")
+    return None
 
 
 def run_map(args: argparse.Namespace) -> int:
