@@ -9,9 +9,11 @@ The convention, for everyone writing these pages (add a page to ``DOCUMENTS`` to
   ``js``, ``json``...) are shown, not run.
 - A Python block whose first line is ``# NAME.py`` (a path relative to the repository root) is
   that file: it is written before the page's other blocks run, and they may use it.
-- Blocks run in page order, in one copy of the repository per page (``.venv`` in it is this
-  test's environment), so a block may use what an earlier block of the page made. Python blocks
-  run with this interpreter, bash blocks with ``bash -e``; neither finds ``forkio`` on ``PATH``.
+- Each block is one test (``test_snippet[README.md:31]``). Blocks run in page order, in one copy
+  of the repository per page (``.venv`` in it is this test's environment), so a block may use what
+  an earlier block of the page made (a block tested alone runs the page's earlier blocks first).
+  Python blocks run with this interpreter, bash blocks with ``bash -e``; neither finds ``forkio``
+  on ``PATH``.
 - A block must exit 0 within ``BLOCK_TIMEOUT`` seconds unless the line just before its fence says
   otherwise, with an HTML comment that readers do not see:
 
@@ -28,7 +30,8 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -64,6 +67,10 @@ class Block:
         return f"{self.document}:{self.line}"
 
 
+class SnippetError(Exception):
+    """A page does not follow the convention (a marker this test does not know, a skip without a reason)."""
+
+
 def blocks(document: str) -> list[Block]:
     """The fenced code blocks of a page, with what the marker before each says."""
     found: list[Block] = []
@@ -73,7 +80,8 @@ def blocks(document: str) -> list[Block]:
         fence = FENCE.match(lines[number])
         if not fence:
             if ANY_MARKER.search(lines[number]) and not MARKER.match(lines[number]):
-                pytest.fail(f"{document}:{number + 1}: a snippet marker this test does not know: {lines[number]}")
+                raise SnippetError(f"{document}:{number + 1}: a snippet marker this test does not know: "
+                                   f"{lines[number]}")
             number += 1
             continue
         indent, start = len(fence["indent"]), number
@@ -91,7 +99,7 @@ def blocks(document: str) -> list[Block]:
         marker = MARKER.match(lines[before]) if before >= 0 else None
         if marker and marker["what"] == "skip":
             if not marker["value"]:
-                pytest.fail(f"{block.where()}: a skipped block must say why: <!-- snippet: skip: REASON -->")
+                raise SnippetError(f"{block.where()}: a skipped block must say why: <!-- snippet: skip: REASON -->")
             block.skip = marker["value"]
         elif marker:
             block.status = int(marker["value"])
@@ -124,11 +132,68 @@ def environment() -> dict[str, str]:
     return {**env, "PATH": os.pathsep.join(path)}
 
 
+def runnable(block: Block) -> bool:
+    return block.lang in RUN and block.skip is None and block.file is None
+
+
+def all_blocks() -> list[Block | str]:
+    """Every runnable block of every page, or the error that stops a page from being read."""
+    found: list[Block | str] = []
+    for document in DOCUMENTS:
+        try:
+            found += [b for b in blocks(document) if runnable(b)]
+        except SnippetError as exc:
+            found.append(str(exc))
+    return found
+
+
+@dataclass
+class Page:
+    """One page's copy of the repository, and which of its blocks have run there."""
+
+    root: Path
+    blocks: list[Block]
+    done: set[int] = field(default_factory=set)
+
+
+@pytest.fixture(scope="module")
+def pages() -> Iterator[dict[str, Page]]:
+    made: dict[str, Page] = {}
+    yield made
+    made.clear()
+
+
+def page(pages: dict[str, Page], document: str, tmp_path_factory: pytest.TempPathFactory) -> Page:
+    if document not in pages:
+        root = workspace(tmp_path_factory.mktemp("snippets") / "repo")
+        found = blocks(document)
+        for block in found:
+            if block.file and block.skip is None:
+                (root / block.file).parent.mkdir(parents=True, exist_ok=True)
+                (root / block.file).write_text(block.code, encoding="utf-8")
+        pages[document] = Page(root, found)
+    return pages[document]
+
+
+def run_block(block: Block, root: Path) -> None:
+    script = root.parent / f"line{block.line}.{'py' if block.lang == 'python' else 'sh'}"
+    script.write_text(block.code, encoding="utf-8")
+    command = [sys.executable, str(script)] if block.lang == "python" else ["bash", "-e", str(script)]
+    try:
+        result = subprocess.run(command, cwd=root, env=environment(), capture_output=True, text=True,
+                                timeout=BLOCK_TIMEOUT, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{block.where()}: still running after {BLOCK_TIMEOUT} s\n{block.code}\n{exc.stderr!r}")
+    assert result.returncode == block.status, (
+        f"{block.where()}: exit status {result.returncode}, expected {block.status}\n--- block\n{block.code}"
+        f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
+
+
 def test_the_convention_is_followed() -> None:
-    """Each page has blocks to run; file blocks have unique names; markers are sound."""
+    """Each page reads, has blocks to run, no two file blocks of the same name, markers only where they count."""
     for document in DOCUMENTS:
         found = blocks(document)
-        assert any(b.lang in RUN and b.skip is None and b.file is None for b in found), document
+        assert any(runnable(b) for b in found), document
         names = [b.file for b in found if b.file]
         assert len(names) == len(set(names)), f"{document}: two blocks are the same file: {names}"
         for block in found:
@@ -136,29 +201,16 @@ def test_the_convention_is_followed() -> None:
                 f"{block.where()}: a marker on a {block.lang or 'plain'} block, which is never run")
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("document", DOCUMENTS)
-def test_every_snippet_runs(document: str, tmp_path: Path) -> None:
-    root = workspace(tmp_path / "repo")
-    found = blocks(document)
-    for block in found:
-        if block.file and block.skip is None:
-            (root / block.file).parent.mkdir(parents=True, exist_ok=True)
-            (root / block.file).write_text(block.code, encoding="utf-8")
-    scripts = tmp_path / "snippets"
-    scripts.mkdir()
-    env = environment()
-    for block in found:
-        if block.lang not in RUN or block.skip is not None or block.file:
-            continue
-        script = scripts / f"line{block.line}.{'py' if block.lang == 'python' else 'sh'}"
-        script.write_text(block.code, encoding="utf-8")
-        command = [sys.executable, str(script)] if block.lang == "python" else ["bash", "-e", str(script)]
-        try:
-            result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
-                                    timeout=BLOCK_TIMEOUT, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"{block.where()}: still running after {BLOCK_TIMEOUT} s\n{block.code}\n{exc.stderr}")
-        assert result.returncode == block.status, (
-            f"{block.where()}: exit status {result.returncode}, expected {block.status}\n--- block\n{block.code}"
-            f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("block", all_blocks(), ids=lambda b: b if isinstance(b, str) else b.where())
+def test_snippet(block: Block | str, pages: dict[str, Page], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The block runs as written and exits as the page says (after the page's earlier blocks)."""
+    if isinstance(block, str):
+        pytest.fail(block)
+    here = page(pages, block.document, tmp_path_factory)
+    for earlier in here.blocks:
+        if earlier.line < block.line and runnable(earlier) and earlier.line not in here.done:
+            run_block(earlier, here.root)
+            here.done.add(earlier.line)
+    run_block(block, here.root)
+    here.done.add(block.line)
