@@ -18,10 +18,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def bench_pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    before = set(sys.modules)
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     yield importlib.import_module("pool")
-    for name in ("pool", "benchpaths", "pool_tasks"):
-        sys.modules.pop(name, None)
+    for name in set(sys.modules) - before:  # only what this imported: tests/pool_tasks.py stays
+        del sys.modules[name]
 
 
 def test_leak_check_finds_the_zygote_marker_after_a_long_command_line(bench_pool: ModuleType) -> None:
@@ -49,7 +50,7 @@ def test_bench_shows_paths_relative_to_the_repository() -> None:
         from benchpaths import shown
     finally:
         sys.path.remove(str(REPO / "bench"))
-        sys.modules.pop("benchpaths", None)
+        del sys.modules["benchpaths"]
     assert shown(str(REPO / "src" / "forkio")) == "src/forkio"
     assert shown("/usr/bin/python3") == "/usr/bin/python3"
 
