@@ -393,6 +393,8 @@ class _MapRun:
             _check_not_same_file(inputs.fd, args.output, output.stdout_copy)
             skip: set[str] = set()
             if args.resume:
+                if os.path.exists(args.output) and not os.path.isfile(args.output):
+                    raise UsageError(f"--resume needs a regular file to read back, and {args.output} is not one")
                 try:
                     skip = results.tidy(args.output).done(retry_failed=args.retry_failed)
                 except results.ResultsFileError as exc:
