@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -11,16 +10,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-NOT_COPIED = (".git", ".venv", "out", "__pycache__", "*.egg-info", "build", "dist", ".mypy_cache",
-              ".pytest_cache", ".ruff_cache", ".hypothesis", "node_modules")
+from helpers import REPO, copy_of_repository
 
 
 @pytest.fixture(scope="module")
 def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sdist built from a copy of this checkout (the build leaves an egg-info folder behind)."""
     root = tmp_path_factory.mktemp("sdist")
-    shutil.copytree(REPO, root / "src", ignore=shutil.ignore_patterns(*NOT_COPIED), symlinks=True)
+    copy_of_repository(root / "src")
     result = subprocess.run(
         [sys.executable, "-c", "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))",
          str(root / "dist")], cwd=root / "src", capture_output=True, text=True, timeout=120)

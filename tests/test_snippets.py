@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,12 +35,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO, copy_of_repository
+
 DOCUMENTS = ["README.md", "examples/README.md"]
 BLOCK_TIMEOUT = 120
 RUN = {"python", "bash"}
-NOT_COPIED = (".git", ".venv", "out", "__pycache__", "*.egg-info", "build", "dist", ".mypy_cache",
-              ".pytest_cache", ".ruff_cache", ".hypothesis", "node_modules")
 
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w+-]*)\s*$")
 MARKER = re.compile(r"^\s*<!--\s*snippet:\s*(?P<what>skip|exit):\s*(?P<value>.*?)\s*-->\s*$")
@@ -109,7 +107,7 @@ def blocks(document: str) -> list[Block]:
 
 def workspace(root: Path) -> Path:
     """A copy of the repository whose ``.venv`` is this test's Python environment."""
-    shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(*NOT_COPIED), symlinks=True)
+    copy_of_repository(root)
     venv = root / ".venv"
     if sys.prefix != sys.base_prefix:
         venv.symlink_to(sys.prefix, target_is_directory=True)  # pyvenv.cfg is found through the link
