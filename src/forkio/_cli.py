@@ -96,6 +96,7 @@ def add_map_command(commands: Any) -> argparse.ArgumentParser:
     """Declare ``forkio map`` and its options; returns its parser (parsed with intermixed arguments)."""
     cmd: argparse.ArgumentParser = commands.add_parser(
         "map", help="run MODULE:FUNCTION over many inputs in parallel, crash-isolated",
+        usage="forkio map [options] MODULE:FUNCTION [INPUT ...]",
         description="Run a Python function over many inputs in a pool of worker processes. Each input's "
                     "outcome is one JSON line on stdout (or in --output): its result, or its failure "
                     "(exception, timeout, crashed). What the function prints goes to stderr. Exit status: "
@@ -109,7 +110,7 @@ def add_map_command(commands: Any) -> argparse.ArgumentParser:
     cmd.add_argument("-j", "--workers", type=positive_int, default=None, metavar="N",
                      help="worker processes (default: cores)")
     cmd.add_argument("--timeout", type=seconds_or_none, default=None, metavar="SECONDS",
-                     help="stop an input that runs longer than this (its worker is replaced)")
+                     help="stop an input that runs longer than this (its worker is replaced; inf: no limit)")
     cmd.add_argument("--retries", type=non_negative_int, default=0, metavar="N",
                      help="run an input again this many times if its worker crashes or it times out")
     cmd.add_argument("--preload", action="append", default=[], metavar="MODULE",
