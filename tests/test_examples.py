@@ -200,7 +200,8 @@ def test_backup_of_a_missing_folder_fails_cleanly(tmp_path: Path, example: Calla
 # ---- API offloading heavy work --------------------------------------------------------------------
 
 def test_api_load_light_latency_with_and_without_forkio() -> None:
-    """load.py measures /light under heavy load in both modes; with forkio it is not held up."""
+    """load.py measures /light under heavy load in both modes; with forkio it is not held up: light
+    requests are answered while heavy work runs, which inline cannot ever do (no timing compared)."""
     result = run(sys.executable, str(EXAMPLES / "api" / "load.py"), "--seconds", "1", "--rate", "40",
                  "--n", "60000", "--json")
     assert result.returncode == 0, result.stderr
@@ -209,6 +210,5 @@ def test_api_load_light_latency_with_and_without_forkio() -> None:
         assert figures[mode]["light_requests"] == 40
         assert figures[mode]["light_errors"] == 0
         assert figures[mode]["heavy_done"] > 0
-    # Inline, a light request waits for the heavy computation in progress (~0.1 s); with the pool
-    # it waits for nothing. The medians are far apart even on a busy machine.
-    assert figures["forkio"]["p50_ms"] * 5 < figures["inline"]["p50_ms"], figures
+    assert figures["inline"]["light_during_heavy"] == 0, figures  # the event loop was computing
+    assert figures["forkio"]["light_during_heavy"] > 0, figures  # the event loop only awaited the pool
