@@ -193,9 +193,11 @@ def test_input_that_is_not_utf8_is_refused_on_every_route(tmp_path: Path) -> Non
     assert "\\udc" not in by_stdin.stdout  # no lone surrogates smuggled into the results
 
 
-def test_jsonl_input_refuses_nan() -> None:
+def test_jsonl_input_refuses_nan_and_floats_out_of_range() -> None:
     assert_one_line_error(forkio_cli("map", f"{TASKS}:double", "--jsonl", "1", "NaN"),
                           "input argument 2 is not JSON: NaN is not valid JSON")
+    assert_one_line_error(forkio_cli("map", f"{TASKS}:double", "--jsonl", "1", "[1e400]"),
+                          "input argument 2 is not JSON: 1e400 is too large for a float")
 
 
 # ---- 5. closed pipe, full disk ------------------------------------------------------------------

@@ -205,13 +205,20 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: valid JSON, but a float cannot hold it and the result line could not say it
+        raise ValueError(f"{text} is too large for a float")
+    return value
+
+
 def _values(lines: Iterator[tuple[str, str]], jsonl: bool) -> Iterator[Any]:
     for where, text in lines:
         if not jsonl:
             yield text
             continue
         try:
-            yield json.loads(text, parse_constant=_refuse_constant)
+            yield json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
         except (ValueError, RecursionError) as exc:
             raise UsageError(f"{where} is not JSON: {exc}") from None
 
