@@ -11,8 +11,8 @@ Rows: hello req/s (32 keep-alive connections, autocannon), requests per worker m
 connections / keep-alive), a worker SIGKILLed under ~400 req/s (failed, first answer from a new
 worker), two SIGHUP reloads under load (failed), a handler blocking the loop 60 s with timeout 5 s,
 the primary SIGKILLed (workers alive 1 s later), SIGINT stop when idle, launch to first 200,
-SIGTTIN to a new worker answering. ``--modes`` adds forkio with --reuse-port (the balance test
-that picks forkio's default).
+SIGTTIN to a new worker answering. ``--modes`` adds forkio with --no-reuse-port (one shared
+socket), the balance test that picked forkio's default (a SO_REUSEPORT socket per worker slot).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def contenders(port: int) -> dict[str, list[str]]:
     return {
         "forkio": [py, "-m", "forkio", "serve", "cluster_app:app", "--workers", str(WORKERS), "--bind",
                    f"{host}:{port}", "--timeout", "5", "--graceful-timeout", "10"],
-        "forkio-reuseport": [py, "-m", "forkio", "serve", "cluster_app:app", "--workers", str(WORKERS), "--bind",
-                             f"{host}:{port}", "--timeout", "5", "--graceful-timeout", "10", "--reuse-port"],
+        "forkio-shared": [py, "-m", "forkio", "serve", "cluster_app:app", "--workers", str(WORKERS), "--bind",
+                          f"{host}:{port}", "--timeout", "5", "--graceful-timeout", "10", "--no-reuse-port"],
         "gunicorn": [str(BIN / "gunicorn"), "-k", "uvicorn_worker.UvicornWorker", "-w", str(WORKERS), "-b",
                      f"{host}:{port}", "--timeout", "5", "--graceful-timeout", "10", "cluster_app:app"],
         "uvicorn": [str(BIN / "uvicorn"), "cluster_app:app", "--workers", str(WORKERS), "--host", host, "--port",
@@ -326,11 +326,11 @@ def main() -> None:
     cli.add_argument("--seconds", type=int, default=5, help="autocannon duration")
     cli.add_argument("--autocannon", default=None)
     cli.add_argument("--only", nargs="*", default=["forkio", "gunicorn", "uvicorn", "granian", "node"])
-    cli.add_argument("--modes", action="store_true", help="also forkio --reuse-port")
+    cli.add_argument("--modes", action="store_true", help="also forkio --no-reuse-port (one shared socket)")
     cli.add_argument("--skip", nargs="*", default=[], help="rows to skip: kill reload block primary sigint ttin")
     cli.add_argument("--logs", default="/tmp/forkio-bench-cluster")
     args = cli.parse_args()
-    names = list(args.only) + (["forkio-reuseport"] if args.modes else [])
+    names = list(args.only) + (["forkio-shared"] if args.modes else [])
     log_dir = Path(args.logs)
     log_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, list[object]]] = {n: {} for n in names}
@@ -362,12 +362,10 @@ def main() -> None:
                         continue
                     if row in ("ttin",) and name in ("granian", "node"):
                         continue
-                    if row == "reload" and name == "forkio-reuseport":
-                        continue
                     record(name, row, step(server))
             finally:
                 server.stop()
-            if "sigint" not in args.skip and name != "forkio-reuseport":
+            if "sigint" not in args.skip and name != "forkio-shared":
                 port += 1
                 server = Server(name, port, log_dir)
                 try:

@@ -160,8 +160,10 @@ def test_workers_share_the_socket_and_stop_gracefully(app: App) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_worker_sigkilled_under_load_is_replaced(app: App) -> None:
+@pytest.mark.parametrize("sockets", ["per-worker", "shared"])
+def test_worker_sigkilled_under_load_is_replaced(make_app: Callable[..., App], sockets: str) -> None:
     """A worker SIGKILLed under load: only its in-flight requests may fail; a replacement serves."""
+    app = make_app(**({"APP_SHARED": "1"} if sockets == "shared" else {}))
     before = app.serving(2)
     load = Load(app.port)
     app.wait_for(lambda: sum(load.ok.values()) > 50)
@@ -177,11 +179,12 @@ def test_worker_sigkilled_under_load_is_replaced(app: App) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_two_reloads_under_load_drop_nothing_and_serve_new_code(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sockets", ["per-worker", "shared"])
+def test_two_reloads_under_load_drop_nothing_and_serve_new_code(tmp_path: Path, sockets: str) -> None:
     """SIGHUP twice, the app's code edited between: zero failed requests, all pids new, new code served."""
     version = tmp_path / "version.txt"
     version.write_text("v1")
-    app = App(tmp_path, APP_VERSION_FILE=str(version))
+    app = App(tmp_path, APP_VERSION_FILE=str(version), **({"APP_SHARED": "1"} if sockets == "shared" else {}))
     try:  # (not make_app: the version file must exist first)
         first = app.serving(2)
         load = Load(app.port)

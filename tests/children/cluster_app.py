@@ -1,7 +1,7 @@
 """A cluster test app: a tiny asyncio HTTP server in each worker, the primary reporting events.
 
 argv: PORT [WORKERS]. Environment: APP_TIMEOUT, APP_GRACE (seconds), APP_VERSION_FILE (read at
-import: the "code version" served, so a test can edit it between reloads), APP_CRASH=1 (die at boot).
+import: the "code version" served, so a test can edit it between reloads), APP_CRASH=1 (die at boot), APP_SHARED=1 (one shared socket, not one per worker).
 """
 
 import asyncio
@@ -64,4 +64,5 @@ if __name__ == "__main__":
             cluster.broadcast("hello")
 
     cluster.run(main, workers=WORKERS, timeout=float(os.environ.get("APP_TIMEOUT", "30")),
-                graceful_timeout=float(os.environ.get("APP_GRACE", "10")))
+                graceful_timeout=float(os.environ.get("APP_GRACE", "10")),
+                reuse_port=None if not os.environ.get("APP_SHARED") else False)

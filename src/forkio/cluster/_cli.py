@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from .._cli import UsageError
-from ._settings import ClusterError, Settings, parse_address
+from ._settings import REUSE_PORT_DEFAULT, ClusterError, Settings, parse_address
 
 SERVE_MODULE = "forkio.cluster._serve"
 
@@ -41,8 +41,9 @@ def _add_common(cmd: argparse.ArgumentParser) -> None:
                      help="kill a worker whose event loop is silent this long (0: never; default 30)")
     cmd.add_argument("--graceful-timeout", type=_seconds, default=30.0, metavar="S",
                      help="how long a stopping worker may finish its requests (default 30)")
-    cmd.add_argument("--reuse-port", action="store_true",
-                     help="each worker binds its own SO_REUSEPORT socket instead of sharing the primary's")
+    cmd.add_argument("--reuse-port", action=argparse.BooleanOptionalAction, default=None,
+                     help="each worker slot accepts on its own SO_REUSEPORT socket, kept by the primary "
+                          "(default on Linux: spreads connections more evenly); --no-reuse-port: one shared socket")
     cmd.add_argument("--quiet", action="store_true", help="no log lines from the primary")
 
 
@@ -78,8 +79,9 @@ def add_commands(commands: Any) -> None:
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    return Settings(timeout=args.timeout or None, graceful_timeout=args.graceful_timeout,
-                    reuse_port=args.reuse_port, **extra)
+    reuse_port = REUSE_PORT_DEFAULT if args.reuse_port is None else args.reuse_port
+    return Settings(timeout=args.timeout or None, graceful_timeout=args.graceful_timeout, reuse_port=reuse_port,
+                    **extra)
 
 
 def run_serve(args: argparse.Namespace) -> int:

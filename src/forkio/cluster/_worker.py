@@ -26,7 +26,7 @@ from typing import Any
 
 from .._channel import Channel
 from .._errors import ChannelClosed
-from ._settings import Address, ClusterError, Settings, bind, bound_address
+from ._settings import Address, ClusterError, Settings, bound_address
 
 LISTEN_TIMEOUT = 30.0
 
@@ -97,24 +97,21 @@ class WorkerSide:
 
     # ------------------------------------------------------------------ public operations
     def listen(self, address: Address) -> socket.socket:
-        """A listening socket for ``address``: the primary's shared one, or our own with ``reuse_port``."""
-        if self.settings.reuse_port:
-            sock = bind(address, reuse_port=True)
-        else:
-            with self._listen_lock:
-                self._control({"op": "listen", "address": address})
-                try:
-                    reply, fds = self._replies.get(timeout=LISTEN_TIMEOUT)
-                except queue.Empty:
-                    raise ClusterError(f"the primary did not answer a listen request within {LISTEN_TIMEOUT} s") \
-                        from None
-            if not reply.get("ok") or not fds:
-                for fd in fds:
-                    os.close(fd)
-                raise OSError(reply.get("errno") or 0, f"cannot listen on {address}: {reply.get('error')}")
-            sock = socket.socket(fileno=fds[0])
-            for fd in fds[1:]:
+        """A listening socket for ``address`` from the primary: the shared one, or this worker slot's."""
+        with self._listen_lock:
+            self._control({"op": "listen", "address": address})
+            try:
+                reply, fds = self._replies.get(timeout=LISTEN_TIMEOUT)
+            except queue.Empty:
+                raise ClusterError(f"the primary did not answer a listen request within {LISTEN_TIMEOUT} s") \
+                    from None
+        if not reply.get("ok") or not fds:
+            for fd in fds:
                 os.close(fd)
+            raise OSError(reply.get("errno") or 0, f"cannot listen on {address}: {reply.get('error')}")
+        sock = socket.socket(fileno=fds[0])
+        for fd in fds[1:]:
+            os.close(fd)
         self.listened.append(sock)
         self._control({"op": "listening", "address": bound_address(sock)})
         return sock
