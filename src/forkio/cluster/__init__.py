@@ -73,7 +73,8 @@ _defaults: dict[str, Any] = {}  # what `forkio cluster --workers ...` says, over
 
 
 def _primary(settings: Settings | None = None, target: tuple[str, str, list[str]] | None = None,
-             preload: Sequence[str] = (), env: dict[str, str] | None = None, log: bool = True) -> Supervisor:
+             preload: Sequence[str] = (), env: dict[str, str] | None = None, log: bool = True,
+             libraries: Sequence[str] = ()) -> Supervisor:
     """The supervisor, started on first use (with the settings of the first caller that gives some)."""
     global _supervisor
     if _side is not None:
@@ -81,7 +82,7 @@ def _primary(settings: Settings | None = None, target: tuple[str, str, list[str]
     with _supervisor_lock:
         if _supervisor is None or _supervisor.done.is_set():
             _supervisor = Supervisor(target or _this_program(), settings or Settings(), preload=preload, env=env,
-                                     log=log)
+                                     log=log, libraries=libraries)
             _supervisor.workers = workers
             workers.clear()
             for event, callback in _early_listeners:
@@ -135,12 +136,12 @@ def run(serve: Callable[[], Any], *, workers: int | None = None, timeout: float 
 
 def supervise(settings: Settings, *, workers: int | None, target: tuple[str, str, list[str]] | None = None,
               preload: Sequence[str] = (), env: dict[str, str] | None = None, log: bool = True,
-              binds: Sequence[Any] = ()) -> None:
+              binds: Sequence[Any] = (), libraries: Sequence[str] = ()) -> None:
     """The primary's part of ``run`` (and of ``forkio serve``): until the cluster stops."""
     count = (os.cpu_count() or 1) if workers is None else workers
     if count < 1:
         raise ValueError(f"workers must be >= 1, not {count}")
-    supervisor = _primary(settings, target, preload, env, log)
+    supervisor = _primary(settings, target, preload, env, log, libraries)
     for address in binds:
         supervisor.call(functools.partial(supervisor.listen, address))
     restore = _handle_signals(supervisor) if threading.current_thread() is threading.main_thread() else {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import runpy
 import sys
@@ -92,10 +93,8 @@ def run_serve(args: argparse.Namespace) -> int:
         binds = [parse_address(b) for b in (args.bind or ["127.0.0.1:8000"])]
     except ClusterError as exc:
         raise UsageError(str(exc)) from None
-    try:
-        import uvicorn  # noqa: F401  (checked here: one line, not a traceback per worker)
-    except ImportError:
-        raise UsageError("forkio serve needs uvicorn: pip install 'forkio[serve]'") from None
+    if importlib.util.find_spec("uvicorn") is None:  # here: one line, not a traceback per worker
+        raise UsageError("forkio serve needs uvicorn: pip install 'forkio[serve]'")
     if args.max_requests_jitter < 0:
         raise UsageError("--max-requests-jitter must be >= 0")
     module = args.app.split(":", 1)[0]
@@ -108,11 +107,23 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         supervise(settings, workers=args.workers, target=("module", SERVE_MODULE, []),
                   preload=(module,) if args.preload else (), log=not args.quiet, binds=binds,
+                  libraries=_server_modules(),
                   env={"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))})
     except OSError as exc:
         print(f"forkio serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _server_modules() -> list[str]:
+    """What every `forkio serve` worker imports: preloaded once in the zygote, workers start warm."""
+    wanted = ["uvicorn", "uvicorn.config", "uvicorn.server", "uvicorn.lifespan.on", "uvicorn.middleware.asgi2"]
+    optional = {"uvloop": ["uvloop"], "httptools": ["httptools", "uvicorn.protocols.http.httptools_impl"],
+                "h11": ["h11", "uvicorn.protocols.http.h11_impl"]}
+    for probe, names in optional.items():
+        if importlib.util.find_spec(probe) is not None:
+            wanted += names
+    return wanted
 
 
 def run_cluster(args: argparse.Namespace) -> int:

@@ -111,10 +111,11 @@ class Supervisor:
     """The primary's loop and state; one per process, running in its own thread."""
 
     def __init__(self, target: tuple[str, str, list[str]], settings: Settings, *, preload: Sequence[str] = (),
-                 env: dict[str, str] | None = None, log: bool = True) -> None:
+                 env: dict[str, str] | None = None, log: bool = True, libraries: Sequence[str] = ()) -> None:
         self.target_spec = target  # ("script" | "module", name, args): what each worker runs
         self.settings = settings
-        self.preload = tuple(dict.fromkeys((*DEFAULT_PRELOAD, *preload)))
+        # The zygote imports libraries (kept across reloads) and the user's preload (re-imported by a reload).
+        self.preload = tuple(dict.fromkeys((*DEFAULT_PRELOAD, *libraries, *preload)))
         self.user_preload = tuple(preload)
         self.env = env
         self.log_enabled = log
