@@ -270,7 +270,7 @@ def blocked(server: Server) -> tuple[float | None, int]:
     time.sleep(0.3)  # let the blocking request reach its worker before the load starts
     load = Load(server.port, rate=100, threads=2, seconds=14)
     time.sleep(0.5)
-    stuck = server.seen - {body for _, body in load.ok}
+    stuck = {p for p in server.seen if alive(int(p))} - {body for _, body in load.ok}
     waited_from = time.monotonic()
     died = wait_until(lambda: any(not alive(int(p)) for p in stuck), 13, 0.02) if stuck else None
     load.finish()

@@ -150,3 +150,26 @@ def test_this_process_is_a_primary_and_events_are_checked() -> None:
         cluster.on("nonsense", print)
     with pytest.raises(ClusterError):
         cluster.recycle()
+
+
+def test_control_messages_go_to_their_hook_never_to_recv() -> None:
+    """A control message (with an fd) reaches on_control, in order with user messages, never recv()."""
+    import socket as socket_module
+
+    from forkio._channel import Channel
+
+    left, right = socket_module.socketpair(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    a, b = Channel(left), Channel(right)
+    got: list[tuple[object, int]] = []
+    b.on_control = lambda message, fds: got.append((message["op"], len(fds))) or [os.close(fd) for fd in fds]
+    try:
+        with open(os.devnull) as null:
+            a.send("before")
+            a.send_control({"op": "listen"}, [null.fileno()])
+            a.send("after")
+        assert b.recv(timeout=5) == "before"
+        assert b.recv(timeout=5) == "after"
+        assert got == [("listen", 1)]
+    finally:
+        a.close()
+        b.close()

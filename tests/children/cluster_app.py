@@ -1,7 +1,8 @@
 """A cluster test app: a tiny asyncio HTTP server in each worker, the primary reporting events.
 
 argv: PORT [WORKERS]. Environment: APP_TIMEOUT, APP_GRACE (seconds), APP_VERSION_FILE (read at
-import: the "code version" served, so a test can edit it between reloads), APP_CRASH=1 (die at boot), APP_SHARED=1 (one shared socket, not one per worker).
+import: the "code version" served, so a test can edit it between reloads),
+APP_CRASH=1 (die at boot), APP_SHARED=1 (one shared socket, not one per worker).
 """
 
 import asyncio
