@@ -173,3 +173,18 @@ def test_control_messages_go_to_their_hook_never_to_recv() -> None:
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("preload", [True, False])
+def test_serve_an_app_that_cannot_import_stops_with_one_line_and_status_1(tmp_path: Path, preload: bool) -> None:
+    """An app module that does not import: with --preload the zygote says so at once, without it the
+    workers die at boot until the crash-loop stop; either way one line from the primary and status 1."""
+    pytest.importorskip("uvicorn")
+    result = forkio_cli("serve", "no_such_module_here:app", "--workers", "2", "--bind", f"127.0.0.1:{free_port()}",
+                        *(["--preload"] if preload else []))
+    assert result.returncode == 1
+    ours = [line for line in result.stderr.splitlines()
+            if line.startswith("forkio cluster:") and line.endswith("stopping") and "worker(s)" not in line]
+    assert len(ours) == 1, result.stderr
+    assert ("no_such_module_here" in ours[0]) if preload else ("died at boot" in ours[0])

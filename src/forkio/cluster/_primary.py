@@ -476,7 +476,14 @@ class Supervisor:
             return
         counted = [w for w in self.workers.values() if w._counted]
         for _ in range(self.count - len(counted)):
-            self.fork()
+            try:
+                self.fork()
+            except Exception as exc:  # a preload that fails, no processes left...: say it in one line
+                print(f"forkio cluster: cannot start a worker: {type(exc).__name__}: {exc}; stopping",
+                      file=sys.stderr, flush=True)
+                self.exit_code = 1
+                self.stop(quick=True)
+                return
         if len(counted) > self.count:
             # Fewer workers: the ones not ready yet go first, then the newest.
             extra = sorted(counted, key=lambda w: (w._ready, -w.id))[: len(counted) - self.count]
