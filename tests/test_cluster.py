@@ -302,3 +302,35 @@ def test_sigint_stops_at_once(app: App) -> None:
     app.proc.send_signal(signal.SIGINT)
     assert app.proc.wait(10) == 0
     assert all(gone(pid, within=2.0) for pid in pids)
+
+
+@pytest.mark.timeout(60)
+def test_a_sync_worker_heartbeats_from_its_loop_and_stops_gracefully(tmp_path: Path) -> None:
+    """http.server calling cluster.heartbeat() from its loop: a blocked loop is killed; SIGTERM stops it (0)."""
+    app = App(tmp_path)
+    app.proc.kill()
+    app.proc.wait()
+    with open(app.out_path, "wb") as out, open(app.err_path, "wb") as err:
+        app.proc = subprocess.Popen([sys.executable, str(APP.parent / "cluster_sync.py"), str(app.port)],
+                                    stdout=out, stderr=err)
+    try:
+        app.wait_for(lambda: app.out.count("listening") >= 2)
+        assert get(app.port).startswith("sync")
+        blocked: list[object] = []
+        threading.Thread(target=lambda: blocked.append(_attempt(app.port, "/block/30")), daemon=True).start()
+        app.wait_for(lambda: "event loop silent" in app.err)
+        app.wait_for(lambda: "killed by SIGABRT" in app.err)
+        app.wait_for(lambda: app.out.count("listening") >= 3)
+        assert get(app.port).startswith("sync")
+    finally:
+        assert app.stop() == 0
+    assert app.err.count("(asked)") == 2
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_while_workers_boot_stops_them(tmp_path: Path) -> None:
+    """SIGTERM before the workers serve: they stop anyway, promptly, exit status 0."""
+    app = App(tmp_path)
+    app.wait_for(lambda: app.err.count("started") >= 2, within=20)
+    app.proc.send_signal(signal.SIGTERM)
+    assert app.proc.wait(15) == 0

@@ -51,13 +51,14 @@ class WorkerSide:
         self._loops: set[int] = set()
         self._tasks: set[Any] = set()
         self._ready_sent = False
+        self._interrupting = False  # our own interrupt_main(), not a Ctrl-C from the terminal
         self.channel.on_control = self._on_control
         faulthandler.enable(all_threads=True)  # SIGABRT from the primary on a hang prints where
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(line_buffering=True)  # the primary relays lines: no long delays
         if threading.current_thread() is threading.main_thread():
             # Ctrl-C and SIGQUIT reach the whole process group: the primary decides what they mean.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, self._on_sigint)
             signal.signal(signal.SIGQUIT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, self._on_sigterm)
         self._install_loop_hook()
@@ -88,6 +89,10 @@ class WorkerSide:
             self._replies.put((message, fds))
         elif op == "stop":
             self.stop(quick=bool(message.get("quick")))
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._interrupting:
+            raise KeyboardInterrupt
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if not self.channel.connected:  # the primary is gone (PR_SET_PDEATHSIG): do not linger
@@ -191,7 +196,9 @@ class WorkerSide:
         elif not self._close_servers():
             import _thread
 
-            _thread.interrupt_main()  # a server we do not know: stop the main thread
+            # No server we know (or not serving yet): stop the main thread; run() expects it.
+            self._interrupting = True
+            _thread.interrupt_main()
 
     def _close_servers(self) -> bool:
         """Drain and close the asyncio servers and socketservers serving our sockets; False if none."""
@@ -234,6 +241,8 @@ class WorkerSide:
         """A worker's part of ``cluster.run``: call ``serve`` (run it if it is a coroutine function)."""
         import inspect
 
+        if self.stopping.is_set():  # asked to stop while it was booting
+            return
         try:
             if inspect.iscoroutinefunction(serve):
                 import asyncio
