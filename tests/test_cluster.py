@@ -156,6 +156,9 @@ def test_workers_share_the_socket_and_stop_gracefully(app: App) -> None:
     assert pids == app.worker_pids()
     assert app.stop() == 0
     assert app.out.count("asked=True") == 2
+    for pid in pids:  # Node's events, in Node's order, for each worker
+        events = [line.split()[0] for line in app.out.splitlines() if line.endswith(f" {pid}")]
+        assert events == ["fork", "online", "listening", "disconnect"], app.out
     assert "forkio cluster: worker 1 (pid" in app.err and "started" in app.err
 
 

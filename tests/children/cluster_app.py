@@ -58,6 +58,9 @@ if __name__ == "__main__":
     def _exit(worker: cluster.Worker, code: object, sig: object) -> None:
         print(f"exit {worker.id} {worker.pid} {code} {sig} asked={worker.exited_after_disconnect}", flush=True)
 
+    for name in ("fork", "online", "disconnect"):
+        cluster.on(name, lambda worker, name=name: print(f"{name} {worker.id} {worker.pid}", flush=True))
+
     @cluster.on("listening")
     def _listening(worker: cluster.Worker, address: object) -> None:
         print(f"listening {worker.id} {worker.pid}", flush=True)
