@@ -358,8 +358,13 @@ def main() -> None:
             try:
                 record(name, "launch", server.first_200())
                 for row, step in steps:
-                    if row in args.skip or (row == "block" and rnd > 0) or server.proc.poll() is not None:
+                    if row in args.skip or (row == "block" and rnd > 0):
                         continue
+                    if server.proc.poll() is not None:  # the last step took the whole server down (granian)
+                        server.stop()
+                        port += 1
+                        server = Server(name, port, log_dir)
+                        server.first_200()
                     if row in ("ttin",) and name in ("granian", "node"):
                         continue
                     record(name, row, step(server))
