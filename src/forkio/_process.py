@@ -173,7 +173,7 @@ class ChildProcess(_Process, Endpoint):
 
     Events: ``"message"`` (message[, handle]), ``"disconnect"``, ``"exit"`` (exit_code,
     signal_name) and ``"error"`` (exception). ``"exit"`` fires once, after the reader has
-    delivered every message.
+    delivered every message the child sent (so a ``"message"`` listener must not wait for it).
     """
 
     _events = ("message", "disconnect", "exit", "error")
@@ -270,5 +270,5 @@ def fork(script: str | os.PathLike[str] | None = None, args: Sequence[str] = (),
     spec = build_spec(script, args, module=module, cwd=cwd, env=env, executable=executable, exec_args=exec_args,
                       stdio=stdio, serialization=serialization, detached=detached, start=start, preload=preload)
     popen, sock, method = launch(spec)
-    channel = Channel(sock, serialization=spec.serialization, max_frame_size=max_frame_size)
+    channel = Channel(sock, serialization=spec.serialization, max_frame_size=max_frame_size, node_peer=spec.is_node)
     return ChildProcess(popen, channel, spec, kill_signal=kill_signal, timeout=timeout, start_method=method)
