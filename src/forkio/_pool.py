@@ -202,19 +202,20 @@ class Pool(Executor):
                  spare_workers: int = 0, max_workers: int | None = None, max_tasks_per_child: int | None = None,
                  mp_context: Any = None) -> None:
         # ProcessPoolExecutor's names, so that code written for it switches by the class name.
-        workers = _alias("workers", workers, "max_workers", max_workers)
-        max_tasks_per_worker = _alias("max_tasks_per_worker", max_tasks_per_worker,
-                                      "max_tasks_per_child", max_tasks_per_child)
+        # (Errors name the option as the caller spelled it.)
+        workers, workers_name = _alias("workers", workers, "max_workers", max_workers)
+        max_tasks_per_worker, max_tasks_name = _alias("max_tasks_per_worker", max_tasks_per_worker,
+                                                      "max_tasks_per_child", max_tasks_per_child)
         _check_mp_context(mp_context)
         # Every option is checked here: a bad one found later, in the manager thread, breaks the pool.
         if workers is None:
             workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = check_count("workers", workers, 1)
+        workers = check_count(workers_name, workers, 1)
         retries = check_count("retries", retries, 0)
         spare_workers = check_count("spare_workers", spare_workers, 0)
         task_timeout = check_timeout("task_timeout", task_timeout)
         if max_tasks_per_worker is not None:
-            max_tasks_per_worker = check_count("max_tasks_per_worker", max_tasks_per_worker, 1)
+            max_tasks_per_worker = check_count(max_tasks_name, max_tasks_per_worker, 1)
         if max_memory_per_worker is not None:
             max_memory_per_worker = check_count("max_memory_per_worker", max_memory_per_worker, 1)
         if initializer is not None and not callable(initializer):
@@ -1024,13 +1025,14 @@ def _cloudpickle_hint(exc: BaseException) -> str:
     return " (lambdas and closures need cloudpickle: pip install 'forkio[cloudpickle]')"
 
 
-def _alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
-    """``value``, or ``alias_value`` when given under ``ProcessPoolExecutor``'s name instead."""
+def _alias(name: str, value: Any, alias: str, alias_value: Any) -> tuple[Any, str]:
+    """``value``, or ``alias_value`` when given under ``ProcessPoolExecutor``'s name instead;
+    with the name it came by."""
     if alias_value is None:
-        return value
+        return value, name
     if value is not None:
         raise TypeError(f"give {name}= or its alias {alias}=, not both")
-    return alias_value
+    return alias_value, alias
 
 
 def _check_mp_context(context: Any) -> None:

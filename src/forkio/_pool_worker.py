@@ -429,7 +429,10 @@ def main() -> None:
         if initializer is not None:
             initializer(*initargs)
     except BaseException as exc:
-        parent.send(("init-failed", encode_error(exc)))
+        try:
+            parent.send(("init-failed", encode_error(exc)))
+        except ChannelClosed:
+            pass  # the pool broke on another worker's report and let us go: nobody left to tell
         sys.exit(3)
     threading.Thread(target=_worker.flusher, name="forkio-results", daemon=True).start()
     try:
