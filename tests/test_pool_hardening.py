@@ -46,7 +46,8 @@ def _run_script(code: str, *, timeout: float = 40.0) -> subprocess.CompletedProc
 
 
 def _ready_pids(pool: Pool, count: int) -> list[int]:
-    assert _wait_for(lambda: len([r for r in pool.stats() if r["ready"] and r["pid"]]) == count)
+    ready = _wait_for(lambda: len([r for r in pool.stats() if r["ready"] and r["pid"]]) == count, 30)
+    assert ready, f"{pool!r}: {pool.stats()}"
     return [r["pid"] for r in pool.stats() if r["pid"]]
 
 
