@@ -156,12 +156,17 @@ def test_workers_share_the_socket_and_stop_gracefully(app: App) -> None:
     assert pids == app.worker_pids()
     assert app.stop() == 0
     assert app.out.count("asked=True") == 2
+    for pid in pids:  # Node's events, in Node's order, for each worker
+        events = [line.split()[0] for line in app.out.splitlines() if line.endswith(f" {pid}")]
+        assert events == ["fork", "online", "listening", "disconnect"], app.out
     assert "forkio cluster: worker 1 (pid" in app.err and "started" in app.err
 
 
 @pytest.mark.timeout(60)
-def test_worker_sigkilled_under_load_is_replaced(app: App) -> None:
+@pytest.mark.parametrize("sockets", ["per-worker", "shared"])
+def test_worker_sigkilled_under_load_is_replaced(make_app: Callable[..., App], sockets: str) -> None:
     """A worker SIGKILLed under load: only its in-flight requests may fail; a replacement serves."""
+    app = make_app(**({"APP_SHARED": "1"} if sockets == "shared" else {}))
     before = app.serving(2)
     load = Load(app.port)
     app.wait_for(lambda: sum(load.ok.values()) > 50)
@@ -177,11 +182,12 @@ def test_worker_sigkilled_under_load_is_replaced(app: App) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_two_reloads_under_load_drop_nothing_and_serve_new_code(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sockets", ["per-worker", "shared"])
+def test_two_reloads_under_load_drop_nothing_and_serve_new_code(tmp_path: Path, sockets: str) -> None:
     """SIGHUP twice, the app's code edited between: zero failed requests, all pids new, new code served."""
     version = tmp_path / "version.txt"
     version.write_text("v1")
-    app = App(tmp_path, APP_VERSION_FILE=str(version))
+    app = App(tmp_path, APP_VERSION_FILE=str(version), **({"APP_SHARED": "1"} if sockets == "shared" else {}))
     try:  # (not make_app: the version file must exist first)
         first = app.serving(2)
         load = Load(app.port)
@@ -299,3 +305,35 @@ def test_sigint_stops_at_once(app: App) -> None:
     app.proc.send_signal(signal.SIGINT)
     assert app.proc.wait(10) == 0
     assert all(gone(pid, within=2.0) for pid in pids)
+
+
+@pytest.mark.timeout(60)
+def test_a_sync_worker_heartbeats_from_its_loop_and_stops_gracefully(tmp_path: Path) -> None:
+    """http.server calling cluster.heartbeat() from its loop: a blocked loop is killed; SIGTERM stops it (0)."""
+    app = App(tmp_path)
+    app.proc.kill()
+    app.proc.wait()
+    with open(app.out_path, "wb") as out, open(app.err_path, "wb") as err:
+        app.proc = subprocess.Popen([sys.executable, str(APP.parent / "cluster_sync.py"), str(app.port)],
+                                    stdout=out, stderr=err)
+    try:
+        app.wait_for(lambda: app.out.count("listening") >= 2)
+        assert get(app.port).startswith("sync")
+        blocked: list[object] = []
+        threading.Thread(target=lambda: blocked.append(_attempt(app.port, "/block/30")), daemon=True).start()
+        app.wait_for(lambda: "event loop silent" in app.err)
+        app.wait_for(lambda: "killed by SIGABRT" in app.err)
+        app.wait_for(lambda: app.out.count("listening") >= 3)
+        assert get(app.port).startswith("sync")
+    finally:
+        assert app.stop() == 0
+    assert app.err.count("(asked)") == 2
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_while_workers_boot_stops_them(tmp_path: Path) -> None:
+    """SIGTERM before the workers serve: they stop anyway, promptly, exit status 0."""
+    app = App(tmp_path)
+    app.wait_for(lambda: app.err.count("started") >= 2, within=20)
+    app.proc.send_signal(signal.SIGTERM)
+    assert app.proc.wait(15) == 0

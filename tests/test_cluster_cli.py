@@ -150,3 +150,41 @@ def test_this_process_is_a_primary_and_events_are_checked() -> None:
         cluster.on("nonsense", print)
     with pytest.raises(ClusterError):
         cluster.recycle()
+
+
+def test_control_messages_go_to_their_hook_never_to_recv() -> None:
+    """A control message (with an fd) reaches on_control, in order with user messages, never recv()."""
+    import socket as socket_module
+
+    from forkio._channel import Channel
+
+    left, right = socket_module.socketpair(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    a, b = Channel(left), Channel(right)
+    got: list[tuple[object, int]] = []
+    b.on_control = lambda message, fds: got.append((message["op"], len(fds))) or [os.close(fd) for fd in fds]
+    try:
+        with open(os.devnull) as null:
+            a.send("before")
+            a.send_control({"op": "listen"}, [null.fileno()])
+            a.send("after")
+        assert b.recv(timeout=5) == "before"
+        assert b.recv(timeout=5) == "after"
+        assert got == [("listen", 1)]
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("preload", [True, False])
+def test_serve_an_app_that_cannot_import_stops_with_one_line_and_status_1(tmp_path: Path, preload: bool) -> None:
+    """An app module that does not import: with --preload the zygote says so at once, without it the
+    workers die at boot until the crash-loop stop; either way one line from the primary and status 1."""
+    pytest.importorskip("uvicorn")
+    result = forkio_cli("serve", "no_such_module_here:app", "--workers", "2", "--bind", f"127.0.0.1:{free_port()}",
+                        *(["--preload"] if preload else []))
+    assert result.returncode == 1
+    ours = [line for line in result.stderr.splitlines()
+            if line.startswith("forkio cluster:") and line.endswith("stopping") and "worker(s)" not in line]
+    assert len(ours) == 1, result.stderr
+    assert ("no_such_module_here" in ours[0]) if preload else ("died at boot" in ours[0])

@@ -115,6 +115,7 @@ def test_node_internal_messages_are_recognised() -> None:
     assert is_internal({"cmd": "NODE_HANDLE_ACK"})
     assert not is_internal({"cmd": "hello"})
     assert not is_internal(["NODE_X"])
+    assert not is_internal({"cmd": "NODE_"})  # Node wants something after the prefix
 
 
 def test_fds_are_matched_to_their_frame() -> None:

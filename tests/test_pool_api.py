@@ -231,6 +231,15 @@ def test_process_pool_executor_names_are_accepted() -> None:
         assert len(set(pids)) == 4  # a fresh worker for every task
 
 
+def test_errors_name_the_option_as_it_was_given() -> None:
+    with pytest.raises(ValueError, match=r"^max_workers must be at least 1"):
+        Pool(max_workers=0)
+    with pytest.raises(ValueError, match=r"^max_tasks_per_child must be at least 1"):
+        Pool(max_tasks_per_child=0)
+    with pytest.raises(ValueError, match=r"^workers must be at least 1"):
+        Pool(0)
+
+
 def test_cloudpickle_is_suggested_only_where_it_helps(monkeypatch: pytest.MonkeyPatch) -> None:
     """The SerializationError hint names cloudpickle for lambdas and closures, not for a lock."""
     from forkio import _pool

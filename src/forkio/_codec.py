@@ -505,10 +505,11 @@ class JsonCodec:
         self.max_frame_size = max_frame_size
         self._dumps = _json_dumps()
 
-    def encode(self, message: Any, handle_kind: str | None = None, *, control: bool = False) -> bytes:
-        """One line; with a handle it is wrapped in Node's ``NODE_HANDLE`` envelope."""
+    def encode(self, message: Any, handle_kind: str | None = None, *, control: bool = False,
+               handle_fields: dict[str, str] | None = None) -> bytes:
+        """One line; with a handle it is wrapped in Node's ``NODE_HANDLE`` envelope (plus ``handle_fields``)."""
         if handle_kind is not None:
-            message = {"cmd": "NODE_HANDLE", "type": handle_kind, "msg": message}
+            message = {"cmd": "NODE_HANDLE", "type": handle_kind, "msg": message, **(handle_fields or {})}
         try:
             text = self._dumps(message)
         except (TypeError, ValueError, RecursionError) as exc:
@@ -547,8 +548,11 @@ def _json_dumps() -> Callable[[Any], str]:
 
 
 def is_internal(message: Any) -> bool:
-    """Node's rule: an object whose ``cmd`` starts with ``NODE_`` is internal."""
-    return isinstance(message, dict) and isinstance(message.get("cmd"), str) and message["cmd"].startswith("NODE_")
+    """Node's rule: an object whose ``cmd`` is ``NODE_`` followed by at least one character is internal."""
+    if not isinstance(message, dict):
+        return False
+    cmd = message.get("cmd")
+    return isinstance(cmd, str) and len(cmd) > 5 and cmd.startswith("NODE_")
 
 
 class JsonDecoder(_Decoder):

@@ -1,7 +1,8 @@
 """A cluster test app: a tiny asyncio HTTP server in each worker, the primary reporting events.
 
 argv: PORT [WORKERS]. Environment: APP_TIMEOUT, APP_GRACE (seconds), APP_VERSION_FILE (read at
-import: the "code version" served, so a test can edit it between reloads), APP_CRASH=1 (die at boot).
+import: the "code version" served, so a test can edit it between reloads),
+APP_CRASH=1 (die at boot), APP_SHARED=1 (one shared socket, not one per worker).
 """
 
 import asyncio
@@ -57,6 +58,9 @@ if __name__ == "__main__":
     def _exit(worker: cluster.Worker, code: object, sig: object) -> None:
         print(f"exit {worker.id} {worker.pid} {code} {sig} asked={worker.exited_after_disconnect}", flush=True)
 
+    for name in ("fork", "online", "disconnect"):
+        cluster.on(name, lambda worker, name=name: print(f"{name} {worker.id} {worker.pid}", flush=True))
+
     @cluster.on("listening")
     def _listening(worker: cluster.Worker, address: object) -> None:
         print(f"listening {worker.id} {worker.pid}", flush=True)
@@ -64,4 +68,5 @@ if __name__ == "__main__":
             cluster.broadcast("hello")
 
     cluster.run(main, workers=WORKERS, timeout=float(os.environ.get("APP_TIMEOUT", "30")),
-                graceful_timeout=float(os.environ.get("APP_GRACE", "10")))
+                graceful_timeout=float(os.environ.get("APP_GRACE", "10")),
+                reuse_port=None if not os.environ.get("APP_SHARED") else False)

@@ -31,7 +31,7 @@ from typing import Any
 
 from .._events import Listener
 from ._primary import EVENTS, Supervisor, Worker
-from ._settings import ENV_ID, ENV_SETTINGS, AddressLike, ClusterError, Settings, parse_address
+from ._settings import ENV_ID, ENV_SETTINGS, REUSE_PORT_DEFAULT, AddressLike, ClusterError, Settings, parse_address
 from ._worker import WorkerSide
 
 __all__ = [
@@ -73,7 +73,8 @@ _defaults: dict[str, Any] = {}  # what `forkio cluster --workers ...` says, over
 
 
 def _primary(settings: Settings | None = None, target: tuple[str, str, list[str]] | None = None,
-             preload: Sequence[str] = (), env: dict[str, str] | None = None, log: bool = True) -> Supervisor:
+             preload: Sequence[str] = (), env: dict[str, str] | None = None, log: bool = True,
+             libraries: Sequence[str] = ()) -> Supervisor:
     """The supervisor, started on first use (with the settings of the first caller that gives some)."""
     global _supervisor
     if _side is not None:
@@ -81,7 +82,7 @@ def _primary(settings: Settings | None = None, target: tuple[str, str, list[str]
     with _supervisor_lock:
         if _supervisor is None or _supervisor.done.is_set():
             _supervisor = Supervisor(target or _this_program(), settings or Settings(), preload=preload, env=env,
-                                     log=log)
+                                     log=log, libraries=libraries)
             _supervisor.workers = workers
             workers.clear()
             for event, callback in _early_listeners:
@@ -103,14 +104,15 @@ def _this_program() -> tuple[str, str, list[str]]:
 
 
 def run(serve: Callable[[], Any], *, workers: int | None = None, timeout: float | None = 30.0,
-        graceful_timeout: float = 30.0, reuse_port: bool = False, wait_ready: bool = False,
+        graceful_timeout: float = 30.0, reuse_port: bool | None = None, wait_ready: bool = False,
         preload: Sequence[str] = (), env: dict[str, str] | None = None, log: bool = True) -> None:
     """In the primary: fork ``workers`` workers (default: one per CPU) and supervise them until stopped.
 
     In a worker: call ``serve()`` (an ``async def`` is run with ``asyncio.run``) and return when
     it does. The primary restarts workers that die, kills one whose event loop is silent for
     ``timeout`` s (None: never), gives a worker asked to stop ``graceful_timeout`` s, hands
-    each worker its own ``SO_REUSEPORT`` socket with ``reuse_port``, waits for
+    each worker slot its own ``SO_REUSEPORT`` socket (``reuse_port``, the default on Linux: it
+    spreads connections more evenly) or all workers one shared socket, waits for
     ``cluster.ready()`` instead of the first ``listen`` with ``wait_ready``, and starts workers
     from a zygote with the ``preload`` modules imported (a reload starts a new one).
     Signals: SIGTERM stops gracefully, SIGINT/SIGQUIT at once, SIGHUP reloads, SIGTTIN/SIGTTOU
@@ -123,7 +125,9 @@ def run(serve: Callable[[], Any], *, workers: int | None = None, timeout: float 
     workers = given.get("workers", workers)
     timeout = given.get("timeout", timeout)
     graceful_timeout = given.get("graceful_timeout", graceful_timeout)
-    reuse_port = given.get("reuse_port") or reuse_port
+    reuse_port = given.get("reuse_port", reuse_port)
+    if reuse_port is None:
+        reuse_port = REUSE_PORT_DEFAULT
     log = given.get("log", log)
     settings = Settings(timeout=timeout, graceful_timeout=graceful_timeout, reuse_port=reuse_port,
                         wait_ready=wait_ready)
@@ -132,12 +136,12 @@ def run(serve: Callable[[], Any], *, workers: int | None = None, timeout: float 
 
 def supervise(settings: Settings, *, workers: int | None, target: tuple[str, str, list[str]] | None = None,
               preload: Sequence[str] = (), env: dict[str, str] | None = None, log: bool = True,
-              binds: Sequence[Any] = ()) -> None:
+              binds: Sequence[Any] = (), libraries: Sequence[str] = ()) -> None:
     """The primary's part of ``run`` (and of ``forkio serve``): until the cluster stops."""
     count = (os.cpu_count() or 1) if workers is None else workers
     if count < 1:
         raise ValueError(f"workers must be >= 1, not {count}")
-    supervisor = _primary(settings, target, preload, env, log)
+    supervisor = _primary(settings, target, preload, env, log, libraries)
     for address in binds:
         supervisor.call(functools.partial(supervisor.listen, address))
     restore = _handle_signals(supervisor) if threading.current_thread() is threading.main_thread() else {}
@@ -256,8 +260,10 @@ def scale(n: int) -> None:
 def listen(address: AddressLike) -> socket.socket:
     """A listening socket for ``address`` (``("host", port)``, ``"host:port"``, a port, ``"unix:PATH"``).
 
-    In a worker the primary binds it (once for all workers) and hands it over; with
-    ``reuse_port`` each worker binds its own. In the primary it is the primary's own socket.
+    In a worker the primary binds it and hands it over: one socket per worker slot with
+    ``reuse_port`` (the default on Linux), one for all workers otherwise. The primary keeps
+    it open for as long as it is used, so restarts and reloads never close it. In the primary:
+    the primary's own socket (bound without listening, with ``reuse_port``).
     """
     parsed = parse_address(address)
     if _side is not None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import runpy
 import sys
 from typing import Any
 
 from .._cli import UsageError
-from ._settings import ClusterError, Settings, parse_address
+from ._settings import REUSE_PORT_DEFAULT, ClusterError, Settings, parse_address
 
 SERVE_MODULE = "forkio.cluster._serve"
 
@@ -41,8 +42,9 @@ def _add_common(cmd: argparse.ArgumentParser) -> None:
                      help="kill a worker whose event loop is silent this long (0: never; default 30)")
     cmd.add_argument("--graceful-timeout", type=_seconds, default=30.0, metavar="S",
                      help="how long a stopping worker may finish its requests (default 30)")
-    cmd.add_argument("--reuse-port", action="store_true",
-                     help="each worker binds its own SO_REUSEPORT socket instead of sharing the primary's")
+    cmd.add_argument("--reuse-port", action=argparse.BooleanOptionalAction, default=None,
+                     help="each worker slot accepts on its own SO_REUSEPORT socket, kept by the primary "
+                          "(default on Linux: spreads connections more evenly); --no-reuse-port: one shared socket")
     cmd.add_argument("--quiet", action="store_true", help="no log lines from the primary")
 
 
@@ -78,8 +80,9 @@ def add_commands(commands: Any) -> None:
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    return Settings(timeout=args.timeout or None, graceful_timeout=args.graceful_timeout,
-                    reuse_port=args.reuse_port, **extra)
+    reuse_port = REUSE_PORT_DEFAULT if args.reuse_port is None else args.reuse_port
+    return Settings(timeout=args.timeout or None, graceful_timeout=args.graceful_timeout, reuse_port=reuse_port,
+                    **extra)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -90,10 +93,8 @@ def run_serve(args: argparse.Namespace) -> int:
         binds = [parse_address(b) for b in (args.bind or ["127.0.0.1:8000"])]
     except ClusterError as exc:
         raise UsageError(str(exc)) from None
-    try:
-        import uvicorn  # noqa: F401  (checked here: one line, not a traceback per worker)
-    except ImportError:
-        raise UsageError("forkio serve needs uvicorn: pip install 'forkio[serve]'") from None
+    if importlib.util.find_spec("uvicorn") is None:  # here: one line, not a traceback per worker
+        raise UsageError("forkio serve needs uvicorn: pip install 'forkio[serve]'")
     if args.max_requests_jitter < 0:
         raise UsageError("--max-requests-jitter must be >= 0")
     module = args.app.split(":", 1)[0]
@@ -106,11 +107,23 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         supervise(settings, workers=args.workers, target=("module", SERVE_MODULE, []),
                   preload=(module,) if args.preload else (), log=not args.quiet, binds=binds,
+                  libraries=_server_modules(),
                   env={"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))})
     except OSError as exc:
         print(f"forkio serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _server_modules() -> list[str]:
+    """What every `forkio serve` worker imports: preloaded once in the zygote, workers start warm."""
+    wanted = ["uvicorn", "uvicorn.config", "uvicorn.server", "uvicorn.lifespan.on", "uvicorn.middleware.asgi2"]
+    optional = {"uvloop": ["uvloop"], "httptools": ["httptools", "uvicorn.protocols.http.httptools_impl"],
+                "h11": ["h11", "uvicorn.protocols.http.h11_impl"]}
+    for probe, names in optional.items():
+        if importlib.util.find_spec(probe) is not None:
+            wanted += names
+    return wanted
 
 
 def run_cluster(args: argparse.Namespace) -> int:

@@ -78,6 +78,9 @@ class Worker(EventEmitter):
         self._last_beat: float | None = None
         self._partial: dict[int, bytes] = {}
         self._disconnected = False
+        #: With ``reuse_port``: which of the primary's per-worker sockets this worker accepts on
+        #: (a replacement, or its successor after a reload, gets the same one).
+        self.slot = 0
 
     def send(self, message: Any, handle: Handle | None = None) -> None:
         """Send ``message`` (and optionally a socket or fd) to the worker; it reads ``forkio.parent``."""
@@ -108,10 +111,11 @@ class Supervisor:
     """The primary's loop and state; one per process, running in its own thread."""
 
     def __init__(self, target: tuple[str, str, list[str]], settings: Settings, *, preload: Sequence[str] = (),
-                 env: dict[str, str] | None = None, log: bool = True) -> None:
+                 env: dict[str, str] | None = None, log: bool = True, libraries: Sequence[str] = ()) -> None:
         self.target_spec = target  # ("script" | "module", name, args): what each worker runs
         self.settings = settings
-        self.preload = tuple(dict.fromkeys((*DEFAULT_PRELOAD, *preload)))
+        # The zygote imports libraries (kept across reloads) and the user's preload (re-imported by a reload).
+        self.preload = tuple(dict.fromkeys((*DEFAULT_PRELOAD, *libraries, *preload)))
         self.user_preload = tuple(preload)
         self.env = env
         self.log_enabled = log
@@ -119,6 +123,7 @@ class Supervisor:
         self.events._events = EVENTS
         self.workers: dict[int, Worker] = {}
         self.sockets: dict[Address, socket.socket] = {}
+        self._slot_sockets: dict[tuple[Address, int], socket.socket] = {}  # reuse_port: one per worker slot
         self.count: int | None = None  # workers to keep; None: only those forked by hand, no replacing
         self.exit_code = 0
         self.done = threading.Event()
@@ -190,6 +195,8 @@ class Supervisor:
             if worker.process.returncode is None:
                 worker.process.kill(signal.SIGKILL)
             worker.process.close(0)
+        for sock in self._slot_sockets.values():
+            sock.close()
         for address, sock in self.sockets.items():
             sock.close()
             if address[0] == "unix":
@@ -267,6 +274,8 @@ class Supervisor:
         if process.stdin is not None:
             process.stdin.close()
         worker = Worker(worker_id, process, self, self._generation)
+        taken = {w.slot for w in self.workers.values() if w._counted}
+        worker.slot = min(set(range(len(taken) + 1)) - taken)
         process.channel.on_control = lambda message, fds: self._on_control(worker, message, fds)
         self.workers[worker_id] = worker
         self._selector.register(process.channel.fd, selectors.EVENT_READ, lambda: self._on_channel(worker))
@@ -338,12 +347,10 @@ class Supervisor:
             self._reconcile()
 
     def _listen_for(self, worker: Worker, address: Address) -> None:
-        sock = self.sockets.get(address)
         try:
-            if sock is None:
-                sock = bind(address)
-                self.sockets[address] = sock
-                self.sockets.setdefault(bound_address(sock), sock)  # port 0: the same socket by its real port
+            sock = self.listen(address)  # port 0: later requests find it under its real port too
+            if self.settings.reuse_port and address[0] == "tcp":
+                sock = self._slot_socket(bound_address(sock), worker.slot)
         except OSError as exc:
             reply: dict[str, Any] = {"op": "listen", "ok": False, "error": str(exc), "errno": exc.errno}
             fds: list[int] = []
@@ -434,6 +441,7 @@ class Supervisor:
             return
         self._reconcile()
         self._retire_replaced()
+        self._close_unused_slots()
 
     def _boot_failed(self, how: str) -> bool:
         """Count a death at boot; True when too many of them mean a crash loop (handled here)."""
@@ -468,7 +476,14 @@ class Supervisor:
             return
         counted = [w for w in self.workers.values() if w._counted]
         for _ in range(self.count - len(counted)):
-            self.fork()
+            try:
+                self.fork()
+            except Exception as exc:  # a preload that fails, no processes left...: say it in one line
+                print(f"forkio cluster: cannot start a worker: {type(exc).__name__}: {exc}; stopping",
+                      file=sys.stderr, flush=True)
+                self.exit_code = 1
+                self.stop(quick=True)
+                return
         if len(counted) > self.count:
             # Fewer workers: the ones not ready yet go first, then the newest.
             extra = sorted(counted, key=lambda w: (w._ready, -w.id))[: len(counted) - self.count]
@@ -538,13 +553,37 @@ class Supervisor:
                     pass
 
     def listen(self, address: Address) -> socket.socket:
-        """The primary's own socket for ``address`` (bound now if it is not yet)."""
+        """The primary's own socket for ``address`` (bound now if it is not yet).
+
+        With ``reuse_port`` it is bound but not listening: it holds the port (and says early
+        that it is taken) while each worker listens on its own socket.
+        """
         sock = self.sockets.get(address)
         if sock is None:
-            sock = bind(address)
+            own = self.settings.reuse_port and address[0] == "tcp"
+            sock = bind(address, reuse_port=own, listen=not own)
             self.sockets[address] = sock
             self.sockets.setdefault(bound_address(sock), sock)
         return sock
+
+    def _slot_socket(self, address: Address, slot: int) -> socket.socket:
+        """``reuse_port``: the listening socket of worker slot ``slot``, made on first use.
+
+        The kernel spreads new connections over the slots' sockets. The primary keeps each one
+        for as long as the slot exists, so a restart or a reload hands the same socket (and
+        the connections queued on it) to the next worker of the slot: nothing is reset.
+        """
+        sock = self._slot_sockets.get((address, slot))
+        if sock is None:
+            sock = bind(address, reuse_port=True)
+            self._slot_sockets[(address, slot)] = sock
+        return sock
+
+    def _close_unused_slots(self) -> None:
+        """After a scale-down: close the sockets of slots no worker uses any more."""
+        used = {w.slot for w in self.workers.values()}
+        for key in [k for k in self._slot_sockets if k[1] not in used and k[1] >= (self.count or 0)]:
+            self._slot_sockets.pop(key).close()
 
     def describe_sockets(self) -> str:
         return ", ".join(sorted({describe(bound_address(s)) for s in self.sockets.values()}))

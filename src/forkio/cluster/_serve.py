@@ -1,9 +1,10 @@
 """A ``forkio serve`` worker: uvicorn on the sockets the primary hands over.
 
 uvicorn's own signal handling is switched off: the primary decides (a graceful stop arrives as
-a control message and sets ``should_exit``; uvicorn then stops accepting and finishes its
-requests). Heartbeats come from uvicorn's event loop; ``max_requests`` asks the primary for a
-replacement first, so recycling never leaves fewer workers serving.
+a control message: this worker stops accepting, closes its connections after their next
+response, then uvicorn finishes what is in flight). Heartbeats come from uvicorn's event loop;
+``max_requests`` asks the primary for a replacement first, so recycling never leaves fewer
+workers serving.
 """
 
 from __future__ import annotations
@@ -42,23 +43,42 @@ class _Server(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-FIRST_REQUEST_GRACE = 1.0
+class _Closing:
+    """The app, wrapped: once the worker drains, each response says ``Connection: close``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.draining = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if not self.draining or scope["type"] != "http":
+            return await self.app(scope, receive, send)  # type: ignore[no-any-return]
+
+        async def send_closing(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
+
+        return await self.app(scope, receive, send_closing)  # type: ignore[no-any-return]
 
 
-async def _stop_gracefully(server: _Server) -> None:
-    """Stop accepting here, let just-accepted connections send their request, then stop uvicorn.
+async def _stop_gracefully(server: _Server, app: _Closing, drain_for: float) -> None:
+    """Stop accepting here, let each connection's next response close it, then stop uvicorn.
 
-    uvicorn's shutdown closes every connection without a request in progress, including one
-    accepted a moment ago whose request has not been read yet: that client would see its
-    connection closed without a response. Accepting stops first (the other workers take the
-    new connections), and those connections get up to a second to show their request; then
-    uvicorn's own shutdown finishes the requests in flight.
+    uvicorn's shutdown closes every connection without a request in progress: an idle
+    keep-alive connection whose client is sending its next request at that moment, or one
+    accepted a moment ago whose request is not read yet, would fail. So accepting stops first
+    (the other workers take the new connections), each connection's next response carries
+    ``Connection: close`` (its client reconnects, to a worker that is staying), and uvicorn's
+    own shutdown starts once no connection is left or after ``drain_for`` seconds (the
+    keep-alive timeout: a connection idle that long could have been closed anyway).
     """
     loop = asyncio.get_running_loop()
     for listening in getattr(server, "servers", ()):
         listening.close()  # closes this process's copy of the shared socket: the others keep accepting
-    deadline = loop.time() + FIRST_REQUEST_GRACE
-    while loop.time() < deadline and any(getattr(c, "cycle", True) is None for c in server.server_state.connections):
+    app.draining = True
+    deadline = loop.time() + drain_for
+    while server.server_state.connections and loop.time() < deadline:
         await asyncio.sleep(0.01)
     server.should_exit = True
 
@@ -72,6 +92,9 @@ def main() -> None:
     config = uvicorn.Config(options["app"], interface="asgi3" if options["interface"] == "asgi" else "wsgi",
                             access_log=bool(options.get("access_log")), lifespan="auto",
                             timeout_graceful_shutdown=int(settings.graceful_timeout) or None)
+    config.load()
+    app = _Closing(config.loaded_app)
+    config.loaded_app = app
     server = _Server(config)
     if settings.max_requests is not None:
         server.max_requests = settings.max_requests + random.randint(0, settings.max_requests_jitter)
@@ -84,7 +107,8 @@ def main() -> None:
         side.attach_loop(loop)
 
         def stop() -> None:
-            loop.call_soon_threadsafe(lambda: tasks.add(loop.create_task(_stop_gracefully(server))))
+            drain_for = min(float(config.timeout_keep_alive), settings.graceful_timeout)
+            loop.call_soon_threadsafe(lambda: tasks.add(loop.create_task(_stop_gracefully(server, app, drain_for))))
 
         side.stop_hooks.append(stop)
         await server.serve(sockets=sockets)

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import stat
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ ENV_SETTINGS = "FORKIO_CLUSTER_SETTINGS"  # the settings below, as JSON
 BACKLOG = 2048
 BOOT_FAILURES = 5  # this many workers dying before they are ready ...
 BOOT_WINDOW = 10.0  # ... within this many seconds stop the cluster
+REUSE_PORT_DEFAULT = sys.platform.startswith("linux")  # elsewhere SO_REUSEPORT does not spread connections
 
 # ("tcp", host, port) or ("unix", path): hashable, picklable, the same in primary and workers.
 Address = tuple[str, ...]
@@ -32,7 +34,9 @@ class Settings:
 
     timeout: float | None = 30.0  # heartbeat: a worker whose loop is silent this long is killed
     graceful_timeout: float = 30.0  # a worker asked to stop is killed after this long
-    reuse_port: bool = False  # each worker binds its own SO_REUSEPORT socket
+    # Each worker slot accepts on its own SO_REUSEPORT socket (the kernel spreads connections
+    # evenly; measured in docs/benchmarks-cluster.md) instead of all sharing one. Linux only.
+    reuse_port: bool = REUSE_PORT_DEFAULT
     wait_ready: bool = False  # a worker is ready when it calls cluster.ready(), not when it listens
     max_requests: int | None = None  # forkio serve: recycle a worker after this many requests ...
     max_requests_jitter: int = 0  # ... plus a random 0..jitter
@@ -105,8 +109,12 @@ def describe(address: Address) -> str:
     return f"unix:{address[1]}" if address[0] == "unix" else f"{address[1]}:{address[2]}"
 
 
-def bind(address: Address, *, reuse_port: bool = False) -> socket.socket:
-    """A listening socket for ``address`` (a stale unix socket file is replaced)."""
+def bind(address: Address, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A listening socket for ``address`` (a stale unix socket file is replaced).
+
+    ``listen=False`` (with ``reuse_port``): bound only, which holds the port and checks it is
+    free without joining the group the kernel spreads connections over.
+    """
     if address[0] == "unix":
         path = address[1]
         try:
@@ -117,7 +125,17 @@ def bind(address: Address, *, reuse_port: bool = False) -> socket.socket:
         return socket.create_server(path, family=socket.AF_UNIX, backlog=BACKLOG)
     host, port = address[1], int(address[2])
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=BACKLOG, reuse_port=reuse_port)
+    if listen:
+        return socket.create_server((host, port), family=family, backlog=BACKLOG, reuse_port=reuse_port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def bound_address(sock: socket.socket) -> Address:

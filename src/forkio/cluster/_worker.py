@@ -26,7 +26,7 @@ from typing import Any
 
 from .._channel import Channel
 from .._errors import ChannelClosed
-from ._settings import Address, ClusterError, Settings, bind, bound_address
+from ._settings import Address, ClusterError, Settings, bound_address
 
 LISTEN_TIMEOUT = 30.0
 
@@ -51,13 +51,14 @@ class WorkerSide:
         self._loops: set[int] = set()
         self._tasks: set[Any] = set()
         self._ready_sent = False
+        self._interrupting = False  # our own interrupt_main(), not a Ctrl-C from the terminal
         self.channel.on_control = self._on_control
         faulthandler.enable(all_threads=True)  # SIGABRT from the primary on a hang prints where
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(line_buffering=True)  # the primary relays lines: no long delays
         if threading.current_thread() is threading.main_thread():
             # Ctrl-C and SIGQUIT reach the whole process group: the primary decides what they mean.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, self._on_sigint)
             signal.signal(signal.SIGQUIT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, self._on_sigterm)
         self._install_loop_hook()
@@ -89,6 +90,10 @@ class WorkerSide:
         elif op == "stop":
             self.stop(quick=bool(message.get("quick")))
 
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._interrupting:
+            raise KeyboardInterrupt
+
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if not self.channel.connected:  # the primary is gone (PR_SET_PDEATHSIG): do not linger
             _flush()
@@ -97,24 +102,21 @@ class WorkerSide:
 
     # ------------------------------------------------------------------ public operations
     def listen(self, address: Address) -> socket.socket:
-        """A listening socket for ``address``: the primary's shared one, or our own with ``reuse_port``."""
-        if self.settings.reuse_port:
-            sock = bind(address, reuse_port=True)
-        else:
-            with self._listen_lock:
-                self._control({"op": "listen", "address": address})
-                try:
-                    reply, fds = self._replies.get(timeout=LISTEN_TIMEOUT)
-                except queue.Empty:
-                    raise ClusterError(f"the primary did not answer a listen request within {LISTEN_TIMEOUT} s") \
-                        from None
-            if not reply.get("ok") or not fds:
-                for fd in fds:
-                    os.close(fd)
-                raise OSError(reply.get("errno") or 0, f"cannot listen on {address}: {reply.get('error')}")
-            sock = socket.socket(fileno=fds[0])
-            for fd in fds[1:]:
+        """A listening socket for ``address`` from the primary: the shared one, or this worker slot's."""
+        with self._listen_lock:
+            self._control({"op": "listen", "address": address})
+            try:
+                reply, fds = self._replies.get(timeout=LISTEN_TIMEOUT)
+            except queue.Empty:
+                raise ClusterError(f"the primary did not answer a listen request within {LISTEN_TIMEOUT} s") \
+                    from None
+        if not reply.get("ok") or not fds:
+            for fd in fds:
                 os.close(fd)
+            raise OSError(reply.get("errno") or 0, f"cannot listen on {address}: {reply.get('error')}")
+        sock = socket.socket(fileno=fds[0])
+        for fd in fds[1:]:
+            os.close(fd)
         self.listened.append(sock)
         self._control({"op": "listening", "address": bound_address(sock)})
         return sock
@@ -194,7 +196,9 @@ class WorkerSide:
         elif not self._close_servers():
             import _thread
 
-            _thread.interrupt_main()  # a server we do not know: stop the main thread
+            # No server we know (or not serving yet): stop the main thread; run() expects it.
+            self._interrupting = True
+            _thread.interrupt_main()
 
     def _close_servers(self) -> bool:
         """Drain and close the asyncio servers and socketservers serving our sockets; False if none."""
@@ -237,6 +241,8 @@ class WorkerSide:
         """A worker's part of ``cluster.run``: call ``serve`` (run it if it is a coroutine function)."""
         import inspect
 
+        if self.stopping.is_set():  # asked to stop while it was booting
+            return
         try:
             if inspect.iscoroutinefunction(serve):
                 import asyncio
