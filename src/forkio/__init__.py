@@ -23,6 +23,7 @@ from ._parent import Parent as Parent
 from ._parent import parent as parent
 
 if TYPE_CHECKING:
+    from . import cluster as cluster
     from ._aprocess import AsyncChildProcess as AsyncChildProcess
     from ._aprocess import AsyncParent as AsyncParent
     from ._aprocess import afork as afork
@@ -69,6 +70,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "cluster":  # a subpackage: ``forkio.cluster`` works after a plain ``import forkio``
+        return importlib.import_module(".cluster", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'forkio' has no attribute {name!r}")
@@ -78,7 +81,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"cluster"})
 
 
 __all__ = [
@@ -104,6 +107,7 @@ __all__ = [
     "ZygoteError",
     "afork",
     "aparent",
+    "cluster",
     "fork",
     "get_preload",
     "parent",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import itertools
 import mmap
+import operator
 import os
 import pickle
 import selectors
@@ -47,6 +48,7 @@ from ._pool_sched import (
 )
 from ._pool_worker import MAX_PAYLOAD, OK, SKIPPED, dumps, dumps_for_workers, rss_of
 from ._process import ChildProcess, fork
+from ._zygote import ZygoteError
 
 KILL_GRACE = 0.2  # seconds between SIGTERM and SIGKILL when a task must be stopped
 _UNSET: Any = object()
@@ -98,16 +100,10 @@ class TaskFuture(Future[Any]):
         self._task: Task | None = task
 
     def running(self) -> bool:
-        task = self._task
-        if task is None or task.sent_to is None:
+        task, pool = self._task, self._pool
+        if task is None or pool is None or self.done():
             return False
-        proc, ordinal = task.sent_to
-        # The worker bumps its shared counter as it starts each task: it began this one once
-        # the count reaches the task's place in what was sent to it.
-        try:
-            return not self.done() and proc.started() >= ordinal
-        except ValueError:  # its worker is gone (counter unmapped): the task waits for another
-            return False
+        return pool._started(task)
 
     def _invoke_callbacks(self) -> None:
         # Callbacks run in the pool's thread: one that raises anything, SystemExit included,
@@ -172,7 +168,6 @@ class _Proc:
         # offsets of such frames in ``outbox``, in order, with their fds.
         self.outbox = bytearray()
         self.marks: deque[tuple[int, list[int]]] = deque()
-        self.sent = 0  # tasks written to the worker: the next one is its (sent + 1)-th to start
         self.stop_at: float | None = None  # when SIGTERM was sent, to escalate to SIGKILL
         self.retired = False
 
@@ -183,13 +178,24 @@ class Pool(Executor):
     ``spare_workers`` keeps that many extra workers started and idle, to take over at once
     when a worker dies or is stopped (recovery without waiting for a new process).
 
+    ``cluster`` (a Dask scheduler address or a ``distributed.Client``) runs the tasks on a Dask
+    cluster instead, with the same API and promises (the ``dask`` extra; see docs/dask.md).
+
     ``submit``/``map``/``shutdown`` are ``concurrent.futures.Executor``'s, so
     ``loop.run_in_executor(pool, fn, x)`` works. ``pool.options(timeout=..., retries=...,
     on_message=..., on_progress=...)`` sets them for some tasks; ``await pool.run(fn, ...)``
     and ``pool.stream(...)``/``pool.astream(...)`` are the asyncio and streaming faces.
     """
 
-    def __init__(self, workers: int | None = None, *, preload: Iterable[str] = (),
+    def __new__(cls, *args: Any, cluster: Any = None, **kwargs: Any) -> Pool:
+        # Pool(cluster=...) is the Dask-backed pool; importing it (and Dask) only then.
+        if cluster is not None and cls is Pool:
+            from ._dask import pool_class
+
+            return super().__new__(pool_class())
+        return super().__new__(cls)
+
+    def __init__(self, workers: int | None = None, *, cluster: Any = None, preload: Iterable[str] = (),
                  initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (),
                  task_timeout: float | None = None, retries: int = 0,
                  max_tasks_per_worker: int | None = None, max_memory_per_worker: int | None = None,
@@ -240,7 +246,6 @@ class Pool(Executor):
         self._procs: dict[int, _Proc] = {}
         self._tasks: dict[int, Task] = {}
         self._wake = _Wake()
-        self._inbox = self._wake.inbox
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake.r, selectors.EVENT_READ, None)
         self._task_ids = itertools.count(1)  # next() on a count is atomic under the GIL: no lock
@@ -294,9 +299,13 @@ class Pool(Executor):
         with wake.lock:
             # Checked again under the lock shutdown() takes: a task either precedes the close
             # in the manager's inbox, and runs, or is refused here. None is left behind.
+            # (Open, so the wake-up pipe is too: what follows is post_locked(), inlined.)
             if self._closed:
                 raise self._refusal()
-            wake.post_locked(("submit", task))
+            wake.inbox.append(("submit", task))
+            if not wake.pending:
+                wake.pending = True
+                os.write(wake.w, b"x")
         return future
 
     def _refusal(self) -> PoolClosed:
@@ -400,17 +409,17 @@ class Pool(Executor):
             self._apply(self._sched.dispatch(now))
             self._escalate(now)
             if self._closed and not self._procs and self._starting == 0 and not self._sched.busy:
-                self._finish()
+                self._wind_up()
                 return False
             return True
         except BaseException as exc:  # a bug here must not leave futures pending forever
             self._break(exc, f"its manager thread failed: {exc!r}")
             for proc in list(self._procs.values()):
                 proc.child.kill(signal.SIGKILL)
-            self._finish()
+            self._wind_up()
             raise
 
-    def _finish(self) -> None:
+    def _wind_up(self) -> None:
         """The manager ends: nothing more can be posted; what was, and every task, is resolved."""
         with self._wake.lock:
             self._closed = True
@@ -463,10 +472,10 @@ class Pool(Executor):
             elif kind == "spawn":
                 self._spawn(command[1])
             elif kind == "close":
-                if command[1]:  # cancel_futures: every task not running yet, sent ahead or not
-                    running = {id(t) for t in (self._running_task(p) for p in self._procs.values()) if t}
+                if command[1]:  # cancel_futures: every task not started yet, sent ahead or not
+                    begun = {id(t) for p in self._procs.values() for t in self._begun(p)}
                     for task in list(self._tasks.values()):
-                        if id(task) not in running and Future.cancel(task.future):
+                        if id(task) not in begun and Future.cancel(task.future):
                             task.cancelled = True
                             self._tasks.pop(task.id, None)
                             self._apply(self._sched.cancel(task, self._started_of))
@@ -484,14 +493,30 @@ class Pool(Executor):
                     proc.state.assigned.clear()
                     proc.child.kill(signal.SIGKILL)
 
+    def _started(self, task: Task) -> bool:
+        """Whether a worker has begun ``task`` (for ``TaskFuture.running``, from any thread:
+        a snapshot, read without stopping the manager)."""
+        for proc in list(self._procs.values()):
+            state = proc.state
+            try:
+                at = state.assigned.index(task)
+                return at <= proc.started() - state.consumed - 1
+            except ValueError:  # not this worker's (or its counter is gone with it)
+                continue
+            except RuntimeError:  # the manager changed its queue meanwhile: it is not running yet
+                return False
+        return False
+
     def _started_of(self, worker: Worker) -> int | None:
         proc = self._procs.get(worker.id)
         return proc.started() if proc is not None else None
 
-    def _running_task(self, proc: _Proc) -> Task | None:
+    @staticmethod
+    def _begun(proc: _Proc) -> list[Task]:
+        """The tasks a worker holds that it has started: the one running, and any that finished
+        with their results still on the way."""
         state = proc.state
-        at = proc.started() - state.consumed - 1
-        return state.assigned[at] if 0 <= at < len(state.assigned) else None
+        return list(state.assigned)[:max(0, proc.started() - state.consumed)]
 
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
@@ -524,11 +549,13 @@ class Pool(Executor):
     def _dispatch(self, proc: _Proc, tasks: list[Task]) -> None:
         """Write tasks to a worker, in order. A task with big buffers gets a frame of its own, so
         that when its shared segment cannot be made (no fd, no room in /dev/shm) it fails alone."""
+        if not any(map(_buffers_of, tasks)):
+            self._send(proc, ("tasks", [(task.id, task.payload) for task in tasks]))
+            return
         plain: list[tuple[int, bytes]] = []
         for task in tasks:
             if not task.buffers:
                 plain.append((task.id, task.payload))
-                self._note_sent(proc, task)
                 continue
             if plain:
                 self._send(proc, ("tasks", plain))
@@ -541,15 +568,8 @@ class Pool(Executor):
                 if error is not exc:
                     error.__cause__ = exc
                 self._apply(self._sched.unsent(proc.state, task, error))
-                continue
-            self._note_sent(proc, task)
         if plain:
             self._send(proc, ("tasks", plain))
-
-    @staticmethod
-    def _note_sent(proc: _Proc, task: Task) -> None:
-        proc.sent += 1
-        task.sent_to = (proc, proc.sent)
 
     def _failure_error(self, failure: Failure) -> BaseException:
         pid = failure.worker.pid or 0 if failure.worker is not None else 0
@@ -571,7 +591,6 @@ class Pool(Executor):
 
     def _resolve(self, task: Task, ok: bool, value: Any, *, cause: BaseException | None = None) -> None:
         self._tasks.pop(task.id, None)
-        task.sent_to = None
         future = task.future
         future._task = None  # break the Task <-> Future cycle: both are freed by refcount, not the GC
         future._pool = None  # a kept future does not keep a finished pool (and its workers) alive
@@ -690,9 +709,11 @@ class Pool(Executor):
             try:
                 message = channel.pop(False)
             except SerializationError as exc:
-                # One frame that could not be taken in, boundaries intact: a result whose shared
-                # segment's fd did not arrive (this process is out of fds) or cannot be mapped.
-                # Big results come one per frame, in order: it was the next task's.
+                # One frame that could not be taken in, boundaries intact. Everything a worker
+                # sends is pickled apart (results, messages) except a result's big buffers, so
+                # it is a result whose shared segment's fd did not arrive (this process is out
+                # of fds) or cannot be mapped. Such results come one per frame, in order: it
+                # was the next task's.
                 self._result_lost(proc, exc)
                 continue
             except Exception:  # a worker that breaks the protocol is stopped; its exit fails its task
@@ -712,7 +733,9 @@ class Pool(Executor):
                 task = self._tasks.get(message[1])
                 if task is not None and task.on_message is not None:
                     try:
-                        task.on_message(message[2])
+                        # Pickled apart in the worker: one that will not unpickle here is this
+                        # callback's problem, not a broken frame.
+                        task.on_message(pickle.loads(message[2]))
                     except BaseException:  # a callback's bug (even a SystemExit) must not kill the pool
                         import traceback
 
@@ -757,9 +780,7 @@ class Pool(Executor):
             return
         self.restarts += 1
         state = proc.state
-        for task in state.assigned:
-            task.sent_to = None  # whatever runs again is sent again, elsewhere
-        kind = "crashed" if state.ready else "start"
+        kind = "crashed" if state.started else "start"
         self._apply(self._sched.worker_died(state, Failure(kind, state, code), started, time.monotonic()))
 
     def _reap(self, proc: _Proc) -> None:
@@ -822,7 +843,6 @@ class _Wake:
         self.lock = threading.Lock()
         self.pending = False
         self.closed = False
-        self.dropped = False
 
     def post_locked(self, command: tuple[Any, ...]) -> None:
         """Queue ``command`` and wake the manager (the caller holds ``lock``)."""
@@ -841,11 +861,16 @@ class _Wake:
 
     def poke_dropped(self, _ref: Any) -> None:
         """The pool was dropped (weakref callback): wake the manager to stop its workers."""
-        with self.lock:
-            self.dropped = True
+        # Not waiting for the lock: a GC pass may run this in a thread that holds it (posting);
+        # whoever holds it is writing a wake-up byte, or closing the pipe, either way enough.
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
             if not self.closed and not self.pending:
                 self.pending = True
                 os.write(self.w, b"x")
+        finally:
+            self.lock.release()
 
     def drain(self) -> deque[tuple[Any, ...]]:
         # Drain first, then clear the flag, then read the inbox: a command posted at any point
@@ -870,6 +895,7 @@ class _Wake:
         return leftovers
 
 
+_buffers_of = operator.attrgetter("buffers")
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
@@ -929,7 +955,7 @@ def _transient(error: BaseException) -> bool:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
             return True
-        if type(exc).__name__ == "ZygoteError" and "Resource temporarily unavailable" in str(exc):
+        if isinstance(exc, ZygoteError):  # the zygote could not clone just now (it falls back, or recovers)
             return True
         exc = exc.__cause__ or exc.__context__
     return False

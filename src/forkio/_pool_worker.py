@@ -11,7 +11,7 @@ Protocol (pickle frames over the worker's forkio channel):
     worker -> pool   ("ready", pid) | ("init-failed", error)
                      ("results", [(task_id, status, payload, seconds, big buffers or None), ...],
                       rss_or_None)                                   status OK, RAISED or SKIPPED
-                     ("message", task_id, message)                   from progress() / report()
+                     ("message", task_id, message pickled)           from progress() / report()
 
 Tasks run one at a time, in the order received, so the pool always knows which task a dead
 worker was running (it also counts the tasks it starts in shared memory). Results are sent
@@ -239,9 +239,13 @@ def report(message: Any) -> None:
     """
     if _current_task is None or not parent.connected:
         return
+    try:  # pickled apart, as results are: the pool unpickles it where the callback runs
+        payload = dumps(message)
+    except Exception as exc:
+        raise SerializationError(f"cannot send this message to the caller: {exc!r}") from exc
     with _worker.lock:  # after the results that finished before it, never between two frames
         _worker._flush()
-        parent.send(("message", _current_task, message))
+        parent.send(("message", _current_task, payload))
 
 
 def rss_of(pid: int | str = "self") -> int | None:
@@ -265,14 +269,14 @@ def result_error(exc: BaseException | None, size: int | None = None) -> bytes:
 
 class _Worker:
     def __init__(self) -> None:
-        self.results: list[tuple[int, int, bytes, float, list[pickle.PickleBuffer] | None]] = []
-        self.pending_bytes = 0
+        # Appended here without a lock (deque appends are atomic); taken off only under ``lock``,
+        # by this thread between tasks or by the flusher during a long one: frames keep the
+        # results' order, and no result is lost between the two.
+        self.results: deque[tuple[int, int, bytes, float, list[pickle.PickleBuffer] | None]] = deque()
         self.report_rss = False
         self.cancelled: set[int] = set()
         self.started = memoryview(bytearray(8)).cast("Q")  # replaced by the pool's shared counter
         self.last_flush = time.perf_counter()
-        # Results are sent from two threads (this one between tasks, the flusher during a long
-        # one): the lock keeps the list and the order of frames whole.
         self.lock = threading.Lock()
         self.busy = threading.Event()  # set while a task runs with results waiting to go
 
@@ -281,35 +285,37 @@ class _Worker:
             self._flush()
 
     def _flush(self) -> None:
-        if self.results:
+        results = self.results
+        if results:
             rss = rss_of() if self.report_rss else None
-            results, self.results, self.pending_bytes = self.results, [], 0
-            parent.send(("results", results, rss))
+            while results:
+                # A result with big buffers (a shared segment) travels alone; the others go
+                # together, in frames well under the frame limit.
+                batch = [results.popleft()]
+                if batch[0][4] is None:
+                    size = len(batch[0][2])
+                    while results and results[0][4] is None and size + len(results[0][2]) <= MAX_PAYLOAD // 2:
+                        entry = results.popleft()
+                        batch.append(entry)
+                        size += len(entry[2])
+                parent.send(("results", batch, rss))
         self.last_flush = time.perf_counter()
-
-    def add(self, entry: tuple[int, int, bytes, float, list[pickle.PickleBuffer] | None], now: float) -> None:
-        size = len(entry[2])
-        with self.lock:
-            if entry[4] is not None or self.pending_bytes + size > MAX_PAYLOAD // 2:
-                self._flush()  # what waits goes first, so results keep their order
-            self.results.append(entry)
-            self.pending_bytes += size
-            if entry[4] is not None or now - self.last_flush > FLUSH_EVERY:
-                self._flush()
 
     def flusher(self) -> None:
         """Send the results that wait while a task runs long: they are ready, the caller waits."""
+        busy = self.busy
         while True:
-            self.busy.wait()
+            busy.wait()
             time.sleep(FLUSH_EVERY)
-            with self.lock:
-                if self.results and time.perf_counter() - self.last_flush >= FLUSH_EVERY:
-                    try:
-                        self._flush()
-                    except (ChannelClosed, OSError):
-                        return  # the pool let us go: the main thread finds out on its own
-                if not self.results:
-                    self.busy.clear()
+            if self.results and time.perf_counter() - self.last_flush >= FLUSH_EVERY:
+                try:
+                    self.flush()
+                except (ChannelClosed, OSError):
+                    return  # the pool let us go: the main thread finds out on its own
+            if not self.results:
+                busy.clear()
+                if self.results:  # appended meanwhile: the main thread may have seen "busy" still set
+                    busy.set()
 
     def handle(self, message: tuple[Any, ...], queue: deque[tuple[Any, ...]]) -> bool:
         kind = message[0]
@@ -350,7 +356,7 @@ class _Worker:
             self.started[0] += 1  # seen by the pool even if we die in this task (see _pool_sched)
             if task_id in self.cancelled:
                 self.cancelled.discard(task_id)
-                self.add((task_id, SKIPPED, b"", 0.0, None), now)
+                self.results.append((task_id, SKIPPED, b"", 0.0, None))
                 continue
             if self.results and not busy.is_set():
                 busy.set()  # this task may run long: the flusher sends what waits meanwhile
@@ -376,7 +382,9 @@ class _Worker:
                     result_buffers.clear()
             finished = perf()
             _current_task = None
-            self.add((task_id, status, result, finished - started, result_buffers or None), finished)
+            self.results.append((task_id, status, result, finished - started, result_buffers or None))
+            if result_buffers or finished - self.last_flush > FLUSH_EVERY:
+                self.flush()
 
 
 _worker = _Worker()

@@ -17,6 +17,8 @@ the request: the preload list, the startup environment (``PYTHON*``, locale, ``H
 process attributes inherited at fork (uid/gids, umask, resource limits). When one of
 those changes, the next fork gets a zygote that matches. A dead zygote is replaced on the next
 fork; a zygote that cannot clone safely says why once, and ``start="auto"`` execs from then on.
+A clone that fails for want of a process (``EAGAIN``, ``ENOMEM``) fails that one fork with the
+``OSError``; the next fork clones again.
 """
 
 from __future__ import annotations
@@ -328,6 +330,23 @@ def _get(preload: tuple[str, ...], startup_env: tuple[tuple[str, str], ...]) -> 
             _, old = _zygotes.popitem(last=False)
             old.close()  # its children are ours, not its: they live on
         return zygote
+
+
+def retire(preload: Iterable[str] | None = None) -> int:
+    """Close the zygotes that preload ``preload`` (default: ``get_preload()``); how many there were.
+
+    The next fork that needs one starts a new zygote, which imports those modules afresh: how
+    a reload serves edited code. Children cloned by the old ones are ours and live on.
+    """
+    wanted = _normalise(preload)
+    with _registry_lock:
+        old = [key for key in _zygotes if key[0] == wanted]
+        zygotes = [_zygotes.pop(key) for key in old]
+        for key in [key for key in _failures if key[0] == wanted]:
+            del _failures[key]  # a preload that failed may import now
+    for zygote in zygotes:
+        zygote.close()
+    return len(zygotes)
 
 
 def _ignored_signals() -> list[int]:
