@@ -232,11 +232,11 @@ def test_process_pool_executor_names_are_accepted() -> None:
 
 
 def test_errors_name_the_option_as_it_was_given() -> None:
-    with pytest.raises(ValueError, match=r"^max_workers must be at least 1"):
+    with pytest.raises(ValueError, match=r"^max_workers must be greater than 0$"):
         Pool(max_workers=0)
-    with pytest.raises(ValueError, match=r"^max_tasks_per_child must be at least 1"):
+    with pytest.raises(ValueError, match=r"^max_tasks_per_child must be greater than 0$"):
         Pool(max_tasks_per_child=0)
-    with pytest.raises(ValueError, match=r"^workers must be at least 1"):
+    with pytest.raises(ValueError, match=r"^workers must be greater than 0$"):
         Pool(0)
 
 

@@ -516,8 +516,9 @@ def check_count(name: str, value: Any, minimum: int) -> int:
         number = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
-    if number < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, not {number}")
+    if number < minimum:  # (worded as ProcessPoolExecutor words it for max_workers)
+        raise ValueError(f"{name} must be greater than {minimum - 1}" if minimum > 0
+                         else f"{name} must not be negative")
     return number
 
 
