@@ -237,3 +237,9 @@ def sleep_then_print(seconds: float, text: str) -> None:
 def sleep_then_write(seconds: float, path: str) -> None:
     time.sleep(seconds)
     Path(path).write_text("done")
+
+
+def report_unloadable() -> str:
+    """Report a message that cannot be unpickled in the caller (it calls sys.exit there)."""
+    forkio.report(_ExitOnUnpickle())
+    return "done"

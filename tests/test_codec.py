@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -114,6 +115,7 @@ def test_node_internal_messages_are_recognised() -> None:
     assert is_internal({"cmd": "NODE_HANDLE_ACK"})
     assert not is_internal({"cmd": "hello"})
     assert not is_internal(["NODE_X"])
+    assert not is_internal({"cmd": "NODE_"})  # Node wants something after the prefix
 
 
 def test_fds_are_matched_to_their_frame() -> None:
@@ -280,3 +282,41 @@ def test_fds_follow_their_frame_whatever_the_chunks(with_fd: list[bool], cuts: l
                 os.close(fd)
             except OSError:
                 pass
+
+
+def test_handle_frame_without_its_pair_fails_alone() -> None:
+    """A handle frame whose payload is not (message, kind) is an error item; its fd is closed and
+    the frames after it decode."""
+    import pickle
+
+    r, w = os.pipe()
+    try:
+        payload = pickle.dumps("not a pair", 5)
+        stream = struct.pack(">BBBBI", 0xF5, 1, 1, 0, len(payload)) + payload + PickleCodec().encode("after")
+        items = PickleCodec().decoder().feed(stream, [r])
+        assert isinstance(items[0][4], SerializationError) and items[1][0] == "after"
+        assert not _is_open(r)
+    finally:
+        os.close(w)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.text(max_size=60), min_size=1, max_size=8), st.lists(st.integers(0, 2_000), max_size=10))
+def test_json_lines_over_the_limit_cost_only_themselves(texts: list[str], cuts: list[int]) -> None:
+    """With a small max_frame_size and any chunking, each line too long becomes one error item in
+    its place, every other line decodes, and nothing over the limit is ever held."""
+    limit = 40
+    codec = JsonCodec(max_frame_size=limit)
+    lines = [json.dumps(t, ensure_ascii=False).encode() for t in texts]
+    stream = b"".join(line + b"\n" for line in lines)
+    expected = [("error" if len(line) > limit else t) for line, t in zip(lines, texts, strict=True)]
+    decoder = codec.decoder()
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    out: list[object] = []
+    start = 0
+    for point in [*points, len(stream)]:
+        for item in decoder.feed(stream[start:point]):
+            out.append("error" if isinstance(item[4], ProtocolError) else item[0])
+        assert decoder.pending <= limit
+        start = point
+    assert out == expected

@@ -81,12 +81,14 @@ def test_thumbnails_run_sh(tmp_path: Path) -> None:
     assert pdf.startswith(b"%PDF")
     assert len(re.findall(rb"/Type\s*/Page\b", pdf)) == 3  # 20 thumbnails a page, then the failures
 
-    # Everything is answered: --resume has nothing left to do, and appends nothing.
+    # Everything is answered: --resume has nothing left to run and changes nothing, but its exit
+    # status still says that two inputs failed.
     before = (tmp_path / "results.jsonl").read_bytes()
-    again = run(sys.executable, "-m", "forkio", "map", f"{EXAMPLES}/thumbnails/thumbs.py:make_thumbnail",
-                "--input", str(tmp_path / "inputs.txt"), "--output", str(tmp_path / "results.jsonl"), "--resume")
-    assert again.returncode == 0, again.stderr
-    assert "0 inputs" in again.stderr
+    again = run(str(Path(sys.executable).with_name("forkio")), "map",
+                f"{EXAMPLES}/thumbnails/thumbs.py:make_thumbnail", "--input", str(tmp_path / "inputs.txt"),
+                "--output", str(tmp_path / "results.jsonl"), "--resume", env=env)
+    assert again.returncode == 1, again.stderr
+    assert "0 inputs" in again.stderr and "still holds 2 failed inputs" in again.stderr
     assert (tmp_path / "results.jsonl").read_bytes() == before
 
 

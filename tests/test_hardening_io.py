@@ -287,3 +287,26 @@ def test_unsealed_segment_shrunk_after_receipt_cannot_crash_the_receiver() -> No
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "survived"
+
+
+def test_posix_shm_fallback_unlinks_with_signals_blocked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where neither memfd nor O_TMPFILE exists, the named window is closed to every catchable
+    signal (a SIGTERM arriving there waits until the name is gone), and no name is left."""
+    import _posixshmem  # type: ignore[import-not-found]
+
+    masks: list[set[int]] = []
+    real_open = _posixshmem.shm_open
+
+    def spying_open(*args: object) -> int:
+        masks.append(set(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+        return int(real_open(*args))
+
+    monkeypatch.setattr(_posixshmem, "shm_open", spying_open)
+    before = set(os.listdir("/dev/shm"))
+    fd = _shm._posix_shm()
+    try:
+        assert masks and signal.SIGTERM in masks[0] and signal.SIGINT in masks[0]
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert set(os.listdir("/dev/shm")) == before
+    finally:
+        os.close(fd)

@@ -565,3 +565,45 @@ def test_sched_an_unsent_task_fails_alone_and_the_worker_goes_on() -> None:
     actions = sched.task_finished(w0, 2, True, "b", 1e-5)
     assert [a.task for a in actions if isinstance(a, Resolve)] == [b]
     assert Retire not in [type(a) for a in actions]
+
+
+def test_a_reported_message_that_will_not_unpickle_fails_nothing() -> None:
+    received: list[Any] = []
+    with Pool(1) as pool:
+        done = pool.options(on_message=received.append).submit(tasks.report_unloadable)
+        assert done.result(timeout=30) == "done" and received == []
+        assert pool.restarts == 0 and pool.submit(pow, 2, 3).result(timeout=30) == 8
+
+
+def test_shutdown_cancel_futures_keeps_results_of_tasks_that_already_ran() -> None:
+    """``_begun`` names the running task and those before it whose results are on the way."""
+    _, (w0,) = _sched()
+    ts = [Task(i, b"") for i in range(4)]
+    w0.assigned.extend(ts)
+
+    class FakeProc:
+        state = w0
+
+        @staticmethod
+        def started() -> int:
+            return 2
+
+    assert Pool._begun(FakeProc()) == ts[:2]  # type: ignore[arg-type]
+
+
+def test_sched_a_ready_worker_whose_channel_closed_first_is_no_start_failure() -> None:
+    """A killed worker's socket often reports EOF before its pidfd: it was ready all the same."""
+    sched, (w0,) = _sched()
+    w0.ready = False  # what the I/O layer does when it finds the channel closed
+    assert sched.worker_died(w0, Failure("crashed", w0, -9), now=1.0) == [Spawn(1)]
+    assert sched.start_failures == 0 and sched.spawn_at is None
+
+
+def test_killing_ready_workers_again_and_again_never_breaks_the_pool() -> None:
+    with Pool(1) as pool:
+        for _ in range(CRASH_LOOP_LIMIT + 2):
+            (pid,) = _ready_pids(pool, 1)
+            os.kill(pid, signal.SIGKILL)
+            assert gone(pid, within=10)
+            assert pool.submit(tasks.inc, 1).result(timeout=30) == 2
+        assert "broken" not in repr(pool)

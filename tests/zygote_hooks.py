@@ -4,6 +4,7 @@ Each fault fires once per flag file, named by an environment variable the zygote
 
 - ``FORKIO_TEST_DIE_AFTER_CLONE``: SIGKILL the zygote right after a clone, before it answers
   with the child's pid (the window the OOM killer or a kill storm can hit);
+- ``FORKIO_TEST_HANG_AFTER_CLONE``: the zygote hangs right after a clone, before it answers;
 - ``FORKIO_TEST_CLONE_EAGAIN``: the next clone fails with EAGAIN (as under RLIMIT_NPROC).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 from forkio import _zygote_main
 
@@ -33,6 +35,8 @@ def _first_time(variable: str) -> bool:
 def _die_after_clone() -> None:
     if _first_time("FORKIO_TEST_DIE_AFTER_CLONE"):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _first_time("FORKIO_TEST_HANG_AFTER_CLONE"):
+        time.sleep(3600)
 
 
 os.register_at_fork(after_in_parent=_die_after_clone)  # the zygote's Cloner runs these hooks too

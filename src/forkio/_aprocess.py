@@ -95,7 +95,7 @@ async def afork(script: str | os.PathLike[str] | None = None, args: Sequence[str
     spec = build_spec(script, args, module=module, cwd=cwd, env=env, executable=executable, exec_args=exec_args,
                       stdio=stdio, serialization=serialization, detached=detached, start=start, preload=preload)
     popen, sock, method = await asyncio.wrap_future(submit_start(spec))
-    channel = Channel(sock, serialization=spec.serialization, max_frame_size=max_frame_size)
+    channel = Channel(sock, serialization=spec.serialization, max_frame_size=max_frame_size, node_peer=spec.is_node)
     return AsyncChildProcess(popen, channel, spec, kill_signal=kill_signal, timeout=timeout, start_method=method)
 
 
@@ -106,4 +106,4 @@ class AsyncParent(AsyncEndpoint):
         return "<forkio.aparent>" if self._channel is not None else "<forkio.aparent (not forked)>"
 
 
-aparent = AsyncParent(_parent.parent._channel, _parent.parent._reason)
+aparent = AsyncParent(_parent.parent._channel, _parent.parent._reason, unusable=_parent.parent._unusable)

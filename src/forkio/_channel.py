@@ -24,12 +24,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from . import _shm
-from ._codec import DEFAULT_MAX_FRAME, Codec, Incoming, PickleCodec, make_codec, segment_layout
+from ._codec import DEFAULT_MAX_FRAME, Codec, Incoming, JsonCodec, PickleCodec, make_codec, segment_layout
 from ._errors import ChannelClosed, ProtocolError, SerializationError, WaitTimeout
-from ._handles import Handle, close_fds, handle_fd, rebuild_handle
+from ._handles import RAW_FD, Handle, close_fds, handle_fd, rebuild_handle
+from ._node import DISCONNECT_ACK_WAIT, NodeLink
 
 RECV_SIZE = 64 * 1024
 CONTROL_CMD = "NODE_CLUSTER"  # Node's own name for cluster messages: internal on both kinds of channel
@@ -73,7 +74,9 @@ class Channel:
     """A message channel over a connected AF_UNIX stream socket."""
 
     def __init__(self, sock: socket.socket, *, serialization: str = "pickle",
-                 max_frame_size: int = DEFAULT_MAX_FRAME, recv_buffer: bytearray | None = None) -> None:
+                 max_frame_size: int = DEFAULT_MAX_FRAME, recv_buffer: bytearray | None = None,
+                 node_peer: bool = False) -> None:
+        """``node_peer``: the other end is a Node process (see ``_node``); only with ``"json"``."""
         sock.setblocking(True)
         self.sock = sock
         self.fd = sock.fileno()  # kept after close, to unregister from event loops
@@ -109,6 +112,7 @@ class Channel:
         #: Called as ``on_control(message, fds)`` for each control message (``cmd == "NODE_CLUSTER"``),
         #: by whichever thread reads; it owns the fds. Without it they are dropped, as Node drops them.
         self.on_control: Any = None
+        self._node = NodeLink(self, node_peer=node_peer) if serialization == "json" else None
 
     # ----------------------------------------------------------------- state
     @property
@@ -129,8 +133,24 @@ class Channel:
     def fileno(self) -> int:
         return self.fd
 
+    def read_in_background(self) -> None:
+        """Toward a Node peer, read all the time from a thread, as Node's runtime does (else nothing).
+
+        Started by the endpoints, in the process that uses the channel: a thread started
+        before a fork would not exist in the child.
+        """
+        if self._node is not None:
+            self._node.start_reader()
+
     def close(self) -> None:
-        """Close this end; the peer sees EOF. Undelivered messages are dropped, their fds closed."""
+        """Close this end; the peer sees EOF. Undelivered messages are dropped, their fds closed.
+
+        Toward a Node peer, the last handle sent is first given time to be acknowledged: a Node
+        child that cannot write its ACK closes its end and drops what it has not read yet.
+        """
+        node = self._node
+        if node is not None:
+            node.wait_for_ack(DISCONNECT_ACK_WAIT)
         with self._cond:
             if self._closed:
                 return
@@ -139,6 +159,8 @@ class Channel:
                 close_fds(self._inbox.popleft()[1])
             self._cond.notify_all()
         self._release_socket()
+        if node is not None:
+            node.close()
         self._disown(list(self._owned))
         if self._outbox is not None:
             self._outbox.close()
@@ -175,8 +197,11 @@ class Channel:
                 return data, []
             return data, [self._pack(shared, wait)]
         fd, kind = handle_fd(handle)
-        if codec is None or threshold is None:
-            return self.codec.encode(message, kind), [fd]
+        if codec is None:  # json: Node's NODE_HANDLE envelope
+            fields = cast(NodeLink, self._node).handle_fields(handle, kind)
+            return cast(JsonCodec, self.codec).encode(message, kind, handle_fields=fields), [fd]
+        if threshold is None:
+            return codec.encode(message, kind), [fd]
         data, shared = codec.encode_shared(message, kind, threshold=threshold, reusable=_shm.REUSABLE)
         return data, ([fd, self._pack(shared, wait)] if shared else [fd])
 
@@ -237,7 +262,10 @@ class Channel:
     def send(self, message: Message, handle: Handle | None = None) -> None:
         """Send one message, blocking while the peer is behind (backpressure)."""
         data, fds = self.encode(message, handle)
-        self.send_bytes(data, fds)
+        if handle is not None and self._node is not None:
+            self._node.send_handle(data, fds)
+        else:
+            self.send_bytes(data, fds)
 
     def send_many(self, messages: Iterable[Message]) -> None:
         """Send several messages in one write: the way to stream many small ones fast.
@@ -391,19 +419,17 @@ class Channel:
         return True
 
     def _internal(self, item: Incoming) -> None:
-        """Node's internal messages: unwrap passed handles and acknowledge them."""
-        msg, fds, handle_kind, _internal, _error = item
-        if isinstance(msg, dict) and msg.get("cmd") == "NODE_HANDLE":
-            try:
-                self.send_bytes(self.codec.encode({"cmd": "NODE_HANDLE_ACK"}))
-            except ChannelClosed:
-                pass
-            self._inbox.append((msg.get("msg"), fds, handle_kind, False, None))
-        elif self.on_control is not None and isinstance(msg, dict) and msg.get("cmd") == CONTROL_CMD:
+        """Internal messages: control and startup reports for forkio; Node's answered as Node does."""
+        msg, fds = item[0], item[1]
+        cmd = msg.get("cmd") if isinstance(msg, dict) else None
+        if cmd == CONTROL_CMD and self.on_control is not None:
             self.on_control(msg, fds)
+        elif cmd == STARTUP_FAILED:
+            self.peer_failure = str(msg.get("error"))
+            close_fds(fds)
+        elif self._node is not None:
+            self._node.internal(item)
         else:
-            if isinstance(msg, dict) and msg.get("cmd") == STARTUP_FAILED:
-                self.peer_failure = str(msg.get("error"))
             close_fds(fds)
 
     def _map_segment(self, fd: int, reusable: bool) -> memoryview:
@@ -418,7 +444,8 @@ class Channel:
             raise error
         if not fds:
             return (message, None) if with_handle else message
-        handle = rebuild_handle(fds[0], handle_kind or "fd")
+        kind = handle_kind or RAW_FD
+        handle = rebuild_handle(fds[0], kind) if self._node is None else self._node.rebuild(fds[0], kind)
         close_fds(fds[1:])
         if with_handle:
             return message, handle
@@ -437,9 +464,17 @@ class Channel:
             raise ChannelClosed(f"peer closed the channel: it failed to start: {self.peer_failure}")
         raise ChannelClosed("peer closed the channel")
 
-    def read_pending(self) -> None:
-        """Decode what has arrived, without waiting (and not at all while another thread reads)."""
-        if self._read_lock.acquire(blocking=False):
+    def read_pending(self, wait: float = 0.0) -> None:
+        """Decode what has arrived, without waiting for more. While another thread reads, leave it
+        to that thread; with ``wait``, when there is something to read, wait up to that long for
+        it to have decoded it (a reader blocked on an idle socket is not waited for)."""
+        locked = self._read_lock.acquire(blocking=False)
+        if not locked and wait > 0:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+            if any(events & (select.POLLIN | select.POLLHUP) for _, events in poller.poll(0)):
+                locked = self._read_lock.acquire(timeout=wait)
+        if locked:
             try:
                 while self.connected and self.read_available():
                     pass
@@ -454,6 +489,8 @@ class Channel:
         message, fds, _handle_kind, _internal, error = self._inbox.popleft()
         if error is not None:
             raise error
+        if self._node is not None:
+            self._node.forget(fds)
         return message, list(fds)
 
     def recv_fds(self, timeout: float | None = None) -> tuple[Any, list[int]]:

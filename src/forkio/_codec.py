@@ -420,8 +420,6 @@ class PickleDecoder(_Decoder):
                     obj, frame_fds = self._load_with_buffers(view[pos + 8:stop], frame_fds)
                 else:
                     obj = loads(view[pos + 8:stop])
-                if kind == KIND_MESSAGE_WITH_HANDLE:
-                    obj, handle_kind = obj
             except Exception as exc:
                 if not nbuffers:  # _load_with_buffers closes its own
                     close_fds(frame_fds)
@@ -432,7 +430,12 @@ class PickleDecoder(_Decoder):
                 if kind == KIND_MESSAGE:
                     out.append((obj, frame_fds, RAW_FD if frame_fds else None, False, None))
                 elif kind == KIND_MESSAGE_WITH_HANDLE:
-                    out.append((obj, frame_fds, handle_kind, False, None))
+                    if type(obj) is tuple and len(obj) == 2 and isinstance(obj[1], str):
+                        out.append((obj[0], frame_fds, obj[1], False, None))
+                    else:  # not what a forkio sender writes: fail this message only
+                        close_fds(frame_fds)
+                        out.append((None, _NO_FDS, None, False,
+                                    SerializationError("a handle message without its (message, kind) pair")))
                 else:
                     out.append((obj, frame_fds, None, True, None))
             pos = stop
@@ -502,10 +505,11 @@ class JsonCodec:
         self.max_frame_size = max_frame_size
         self._dumps = _json_dumps()
 
-    def encode(self, message: Any, handle_kind: str | None = None, *, control: bool = False) -> bytes:
-        """One line; with a handle it is wrapped in Node's ``NODE_HANDLE`` envelope."""
+    def encode(self, message: Any, handle_kind: str | None = None, *, control: bool = False,
+               handle_fields: dict[str, str] | None = None) -> bytes:
+        """One line; with a handle it is wrapped in Node's ``NODE_HANDLE`` envelope (plus ``handle_fields``)."""
         if handle_kind is not None:
-            message = {"cmd": "NODE_HANDLE", "type": handle_kind, "msg": message}
+            message = {"cmd": "NODE_HANDLE", "type": handle_kind, "msg": message, **(handle_fields or {})}
         try:
             text = self._dumps(message)
         except (TypeError, ValueError, RecursionError) as exc:
@@ -544,8 +548,11 @@ def _json_dumps() -> Callable[[Any], str]:
 
 
 def is_internal(message: Any) -> bool:
-    """Node's rule: an object whose ``cmd`` starts with ``NODE_`` is internal."""
-    return isinstance(message, dict) and isinstance(message.get("cmd"), str) and message["cmd"].startswith("NODE_")
+    """Node's rule: an object whose ``cmd`` is ``NODE_`` followed by at least one character is internal."""
+    if not isinstance(message, dict):
+        return False
+    cmd = message.get("cmd")
+    return isinstance(cmd, str) and len(cmd) > 5 and cmd.startswith("NODE_")
 
 
 class JsonDecoder(_Decoder):
@@ -608,16 +615,19 @@ class JsonDecoder(_Decoder):
         return out
 
     def _too_long(self, out: list[Incoming]) -> None:
+        """The line being received passed the limit: say so now, drop the rest as it comes."""
         self._buffer = bytearray()
         self._skipping = True
+        self._refuse_long_line(out)
+
+    def _refuse_long_line(self, out: list[Incoming]) -> None:
         out.append((None, _NO_FDS, None, False, ProtocolError(f"message line longer than max_frame_size={self._max}")))
 
     def _line(self, line: bytes, at: int, out: list[Incoming]) -> None:
         if not line.strip():
             return  # Node never sends blank lines; tolerate them rather than fail
         if len(line) > self._max:
-            out.append((None, _NO_FDS, None, False,
-                        ProtocolError(f"message line longer than max_frame_size={self._max}")))
+            self._refuse_long_line(out)
             return
         try:
             obj = self._loads(line.decode("utf-8"))

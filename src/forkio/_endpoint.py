@@ -27,14 +27,17 @@ class Endpoint(EventEmitter):
 
     _events: tuple[str, ...] = ("message", "disconnect", "error")
 
-    def __init__(self, channel: Channel | None, reason: str = "no channel") -> None:
+    def __init__(self, channel: Channel | None, reason: str = "no channel", *, unusable: bool = False) -> None:
         super().__init__()
         self._channel = channel
         self._reason = reason  # why there is no channel, for the error when there is none
+        self._unusable = unusable  # a channel was given but cannot be used (not just absent)
         self._reader: threading.Thread | None = None
         self._delivering = False  # the reader is inside a listener (see ``_delivered_all``)
         self._disconnect_lock = threading.Lock()
         self._disconnect_emitted = False
+        if channel is not None:
+            channel.read_in_background()  # only toward a Node peer
 
     @property
     def channel(self) -> Channel:
@@ -73,8 +76,15 @@ class Endpoint(EventEmitter):
             raise
 
     def __iter__(self) -> Iterator[Any]:
-        """Every incoming message, in order, until the channel closes."""
+        """Every incoming message, in order, until the channel closes.
+
+        Without a channel at all there is nothing to iterate over; a channel that could not be
+        opened (Node's 'advanced' serialization, a bad fd) raises ``ChannelClosed`` saying why, as
+        ``recv()`` does.
+        """
         if self._channel is None:
+            if self._unusable:
+                raise ChannelClosed(self._reason)
             return
         inbox, pop = self._channel._inbox, self._channel.pop
         while True:

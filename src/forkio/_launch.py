@@ -154,8 +154,9 @@ def _check_script(path: str, *, python: bool) -> None:
     if stat.S_ISDIR(st.st_mode):
         if python and not any(os.path.exists(os.path.join(path, name)) for name in ("__main__.py", "__main__.pyc")):
             raise IsADirectoryError(errno.EISDIR, "is a directory (with no __main__.py to run)", path)
-    elif not os.access(path, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
-        raise PermissionError(errno.EACCES, "cannot read the script", path)
+    elif stat.S_ISREG(st.st_mode):
+        # Opening it, as the child will: access() would judge by the real ids and no capabilities.
+        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
 
 
 _environ_cache: tuple[dict[bytes, bytes], dict[str, str]] | None = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import itertools
 import mmap
+import operator
 import os
 import pickle
 import selectors
@@ -45,13 +46,15 @@ from ._pool_sched import (
     Task,
     Worker,
 )
-from ._pool_worker import MAX_PAYLOAD, OK, SKIPPED, dumps, rss_of
+from ._pool_worker import MAX_PAYLOAD, OK, SKIPPED, dumps, dumps_for_workers, rss_of
 from ._process import ChildProcess, fork
+from ._zygote import ZygoteError
 
 KILL_GRACE = 0.2  # seconds between SIGTERM and SIGKILL when a task must be stopped
 _UNSET: Any = object()
 # Failures to start a worker that a moment's wait can cure: retried with back-off, not fatal.
 _TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EINTR})
+MAX_WAIT = 86400.0  # seconds: the longest single wait of the manager's select()
 
 
 class PoolClosed(ForkioError, RuntimeError):
@@ -97,16 +100,10 @@ class TaskFuture(Future[Any]):
         self._task: Task | None = task
 
     def running(self) -> bool:
-        task = self._task
-        if task is None or task.sent_to is None:
+        task, pool = self._task, self._pool
+        if task is None or pool is None or self.done():
             return False
-        proc, ordinal = task.sent_to
-        # The worker bumps its shared counter as it starts each task: it began this one once
-        # the count reaches the task's place in what was sent to it.
-        try:
-            return not self.done() and proc.started() >= ordinal
-        except ValueError:  # its worker is gone (counter unmapped): the task waits for another
-            return False
+        return pool._started(task)
 
     def _invoke_callbacks(self) -> None:
         # Callbacks run in the pool's thread: one that raises anything, SystemExit included,
@@ -171,7 +168,6 @@ class _Proc:
         # offsets of such frames in ``outbox``, in order, with their fds.
         self.outbox = bytearray()
         self.marks: deque[tuple[int, list[int]]] = deque()
-        self.sent = 0  # tasks written to the worker: the next one is its (sent + 1)-th to start
         self.stop_at: float | None = None  # when SIGTERM was sent, to escalate to SIGKILL
         self.retired = False
 
@@ -182,44 +178,74 @@ class Pool(Executor):
     ``spare_workers`` keeps that many extra workers started and idle, to take over at once
     when a worker dies or is stopped (recovery without waiting for a new process).
 
+    ``cluster`` (a Dask scheduler address or a ``distributed.Client``) runs the tasks on a Dask
+    cluster instead, with the same API and promises (the ``dask`` extra; see docs/dask.md).
+
     ``submit``/``map``/``shutdown`` are ``concurrent.futures.Executor``'s, so
     ``loop.run_in_executor(pool, fn, x)`` works. ``pool.options(timeout=..., retries=...,
     on_message=..., on_progress=...)`` sets them for some tasks; ``await pool.run(fn, ...)``
     and ``pool.stream(...)``/``pool.astream(...)`` are the asyncio and streaming faces.
     """
 
-    def __init__(self, workers: int | None = None, *, preload: tuple[str, ...] = (),
-                 initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
+    def __new__(cls, *args: Any, cluster: Any = None, **kwargs: Any) -> Pool:
+        # Pool(cluster=...) is the Dask-backed pool; importing it (and Dask) only then.
+        if cluster is not None and cls is Pool:
+            from ._dask import pool_class
+
+            return super().__new__(pool_class())
+        return super().__new__(cls)
+
+    def __init__(self, workers: int | None = None, *, cluster: Any = None, preload: Iterable[str] = (),
+                 initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (),
                  task_timeout: float | None = None, retries: int = 0,
                  max_tasks_per_worker: int | None = None, max_memory_per_worker: int | None = None,
-                 spare_workers: int = 0) -> None:
+                 spare_workers: int = 0, max_workers: int | None = None, max_tasks_per_child: int | None = None,
+                 mp_context: Any = None) -> None:
+        # ProcessPoolExecutor's names, so that code written for it switches by the class name.
+        # (Errors name the option as the caller spelled it.)
+        workers, workers_name = _alias("workers", workers, "max_workers", max_workers)
+        max_tasks_per_worker, max_tasks_name = _alias("max_tasks_per_worker", max_tasks_per_worker,
+                                                      "max_tasks_per_child", max_tasks_per_child)
+        _check_mp_context(mp_context)
+        # Every option is checked here: a bad one found later, in the manager thread, breaks the pool.
         if workers is None:
             workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if workers < 1:
-            raise ValueError("workers must be at least 1")
-        if retries < 0:
-            raise ValueError("retries must be >= 0")
-        if spare_workers < 0:
-            raise ValueError("spare_workers must be >= 0")
-        if task_timeout is not None and task_timeout <= 0:
-            raise ValueError("task_timeout must be positive")
-        for name, limit in (("max_tasks_per_worker", max_tasks_per_worker),
-                            ("max_memory_per_worker", max_memory_per_worker)):
-            if limit is not None and limit < 1:
-                raise ValueError(f"{name} must be at least 1")
+        workers = check_count(workers_name, workers, 1)
+        retries = check_count("retries", retries, 0)
+        spare_workers = check_count("spare_workers", spare_workers, 0)
+        task_timeout = check_timeout("task_timeout", task_timeout)
+        if max_tasks_per_worker is not None:
+            max_tasks_per_worker = check_count(max_tasks_name, max_tasks_per_worker, 1)
+        if max_memory_per_worker is not None:
+            max_memory_per_worker = check_count("max_memory_per_worker", max_memory_per_worker, 1)
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable or None, not {type(initializer).__name__}")
+        if isinstance(initargs, str | bytes) or not isinstance(initargs, Iterable):
+            raise TypeError(f"initargs must be a tuple of arguments, not {type(initargs).__name__}")
+        initargs = tuple(initargs)
+        from ._zygote import _normalise
+
+        preload = _normalise(preload)
         self.workers = workers
         self.task_timeout = task_timeout
         self.retries = retries
-        self._preload = tuple(preload)
+        self._preload = preload
         # The initializer is pickled apart: the worker can unpickle it only once it has our sys.path.
+        # multiprocessing objects in it (queues, locks) bring fds, which go with each init message.
+        try:
+            init_payload, self._init_fds = dumps_for_workers((initializer, initargs))
+        except SerializationError:
+            raise
+        except Exception as exc:
+            raise SerializationError(f"cannot send the initializer and its initargs to the workers: "
+                                     f"{exc}{_cloudpickle_hint(exc)}") from exc
         self._init_message = ("init", list(sys.path), _main_path(), max_memory_per_worker is not None,
-                              dumps((initializer, initargs)))
+                              init_payload, _mp_authkey())
         self._sched = Scheduler(workers, max_tasks_per_worker=max_tasks_per_worker,
                                 max_memory_per_worker=max_memory_per_worker)
         self._procs: dict[int, _Proc] = {}
         self._tasks: dict[int, Task] = {}
         self._wake = _Wake()
-        self._inbox = self._wake.inbox
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake.r, selectors.EVENT_READ, None)
         self._task_ids = itertools.count(1)  # next() on a count is atomic under the GIL: no lock
@@ -258,9 +284,8 @@ class Pool(Executor):
         except KeyboardInterrupt:
             raise  # Ctrl-C while pickling a big argument: the caller's to handle, not the task's
         except BaseException as exc:  # SystemExit from a __reduce__ too: it fails this task only
-            hint = ("" if _has_cloudpickle() else
-                    " (lambdas and closures need cloudpickle: pip install 'forkio[cloudpickle]')")
-            error = SerializationError(f"cannot send task {getattr(fn, '__name__', fn)!r} to a worker: {exc!r}{hint}")
+            error = SerializationError(f"cannot send task {getattr(fn, '__name__', fn)!r} to a worker: "
+                                       f"{exc!r}{_cloudpickle_hint(exc)}")
             error.__cause__ = exc
             future.set_exception(error)
             return future
@@ -274,9 +299,13 @@ class Pool(Executor):
         with wake.lock:
             # Checked again under the lock shutdown() takes: a task either precedes the close
             # in the manager's inbox, and runs, or is refused here. None is left behind.
+            # (Open, so the wake-up pipe is too: what follows is post_locked(), inlined.)
             if self._closed:
                 raise self._refusal()
-            wake.post_locked(("submit", task))
+            wake.inbox.append(("submit", task))
+            if not wake.pending:
+                wake.pending = True
+                os.write(wake.w, b"x")
         return future
 
     def _refusal(self) -> PoolClosed:
@@ -380,17 +409,17 @@ class Pool(Executor):
             self._apply(self._sched.dispatch(now))
             self._escalate(now)
             if self._closed and not self._procs and self._starting == 0 and not self._sched.busy:
-                self._finish()
+                self._wind_up()
                 return False
             return True
         except BaseException as exc:  # a bug here must not leave futures pending forever
             self._break(exc, f"its manager thread failed: {exc!r}")
             for proc in list(self._procs.values()):
                 proc.child.kill(signal.SIGKILL)
-            self._finish()
+            self._wind_up()
             raise
 
-    def _finish(self) -> None:
+    def _wind_up(self) -> None:
         """The manager ends: nothing more can be posted; what was, and every task, is resolved."""
         with self._wake.lock:
             self._closed = True
@@ -408,13 +437,17 @@ class Pool(Executor):
         for proc in list(self._procs.values()):
             self._reap(proc)
         self._selector.close()
+        init_fds, self._init_fds = self._init_fds, []
+        for fd in init_fds:
+            os.close(fd)
 
     def _select_timeout(self) -> float | None:
         deadlines = [d for d in (self._sched.next_deadline(),
                                  *(p.stop_at for p in self._procs.values() if p.stop_at)) if d is not None]
         if not deadlines:
             return None
-        return max(0.0, min(deadlines) - time.monotonic())
+        # A day at most: select() overflows past ~24.8 days, and a far deadline is simply waited for again.
+        return min(max(0.0, min(deadlines) - time.monotonic()), MAX_WAIT)
 
     def _drain_commands(self) -> None:
         inbox = self._wake.drain()
@@ -439,10 +472,10 @@ class Pool(Executor):
             elif kind == "spawn":
                 self._spawn(command[1])
             elif kind == "close":
-                if command[1]:  # cancel_futures: every task not running yet, sent ahead or not
-                    running = {id(t) for t in (self._running_task(p) for p in self._procs.values()) if t}
+                if command[1]:  # cancel_futures: every task not started yet, sent ahead or not
+                    begun = {id(t) for p in self._procs.values() for t in self._begun(p)}
                     for task in list(self._tasks.values()):
-                        if id(task) not in running and Future.cancel(task.future):
+                        if id(task) not in begun and Future.cancel(task.future):
                             task.cancelled = True
                             self._tasks.pop(task.id, None)
                             self._apply(self._sched.cancel(task, self._started_of))
@@ -460,14 +493,30 @@ class Pool(Executor):
                     proc.state.assigned.clear()
                     proc.child.kill(signal.SIGKILL)
 
+    def _started(self, task: Task) -> bool:
+        """Whether a worker has begun ``task`` (for ``TaskFuture.running``, from any thread:
+        a snapshot, read without stopping the manager)."""
+        for proc in list(self._procs.values()):
+            state = proc.state
+            try:
+                at = state.assigned.index(task)
+                return at <= proc.started() - state.consumed - 1
+            except ValueError:  # not this worker's (or its counter is gone with it)
+                continue
+            except RuntimeError:  # the manager changed its queue meanwhile: it is not running yet
+                return False
+        return False
+
     def _started_of(self, worker: Worker) -> int | None:
         proc = self._procs.get(worker.id)
         return proc.started() if proc is not None else None
 
-    def _running_task(self, proc: _Proc) -> Task | None:
+    @staticmethod
+    def _begun(proc: _Proc) -> list[Task]:
+        """The tasks a worker holds that it has started: the one running, and any that finished
+        with their results still on the way."""
         state = proc.state
-        at = proc.started() - state.consumed - 1
-        return state.assigned[at] if 0 <= at < len(state.assigned) else None
+        return list(state.assigned)[:max(0, proc.started() - state.consumed)]
 
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
@@ -500,11 +549,13 @@ class Pool(Executor):
     def _dispatch(self, proc: _Proc, tasks: list[Task]) -> None:
         """Write tasks to a worker, in order. A task with big buffers gets a frame of its own, so
         that when its shared segment cannot be made (no fd, no room in /dev/shm) it fails alone."""
+        if not any(map(_buffers_of, tasks)):
+            self._send(proc, ("tasks", [(task.id, task.payload) for task in tasks]))
+            return
         plain: list[tuple[int, bytes]] = []
         for task in tasks:
             if not task.buffers:
                 plain.append((task.id, task.payload))
-                self._note_sent(proc, task)
                 continue
             if plain:
                 self._send(proc, ("tasks", plain))
@@ -517,15 +568,8 @@ class Pool(Executor):
                 if error is not exc:
                     error.__cause__ = exc
                 self._apply(self._sched.unsent(proc.state, task, error))
-                continue
-            self._note_sent(proc, task)
         if plain:
             self._send(proc, ("tasks", plain))
-
-    @staticmethod
-    def _note_sent(proc: _Proc, task: Task) -> None:
-        proc.sent += 1
-        task.sent_to = (proc, proc.sent)
 
     def _failure_error(self, failure: Failure) -> BaseException:
         pid = failure.worker.pid or 0 if failure.worker is not None else 0
@@ -547,7 +591,6 @@ class Pool(Executor):
 
     def _resolve(self, task: Task, ok: bool, value: Any, *, cause: BaseException | None = None) -> None:
         self._tasks.pop(task.id, None)
-        task.sent_to = None
         future = task.future
         future._task = None  # break the Task <-> Future cycle: both are freed by refcount, not the GC
         future._pool = None  # a kept future does not keep a finished pool (and its workers) alive
@@ -593,7 +636,7 @@ class Pool(Executor):
         self._watch(child.channel.fileno(), proc)
         self._watch(proc.pidfd, proc)
         try:
-            data, fds = child.channel.encode(self._init_message, proc.counter_fd)
+            data, fds = child.channel.encode_fds(self._init_message, [proc.counter_fd, *self._init_fds])
             child.channel.send_bytes(data, fds)  # the first bytes on an empty socket: never blocks
         except ChannelClosed:
             pass  # it died already: its pidfd says so
@@ -666,9 +709,11 @@ class Pool(Executor):
             try:
                 message = channel.pop(False)
             except SerializationError as exc:
-                # One frame that could not be taken in, boundaries intact: a result whose shared
-                # segment's fd did not arrive (this process is out of fds) or cannot be mapped.
-                # Big results come one per frame, in order: it was the next task's.
+                # One frame that could not be taken in, boundaries intact. Everything a worker
+                # sends is pickled apart (results, messages) except a result's big buffers, so
+                # it is a result whose shared segment's fd did not arrive (this process is out
+                # of fds) or cannot be mapped. Such results come one per frame, in order: it
+                # was the next task's.
                 self._result_lost(proc, exc)
                 continue
             except Exception:  # a worker that breaks the protocol is stopped; its exit fails its task
@@ -688,7 +733,9 @@ class Pool(Executor):
                 task = self._tasks.get(message[1])
                 if task is not None and task.on_message is not None:
                     try:
-                        task.on_message(message[2])
+                        # Pickled apart in the worker: one that will not unpickle here is this
+                        # callback's problem, not a broken frame.
+                        task.on_message(pickle.loads(message[2]))
                     except BaseException:  # a callback's bug (even a SystemExit) must not kill the pool
                         import traceback
 
@@ -733,9 +780,7 @@ class Pool(Executor):
             return
         self.restarts += 1
         state = proc.state
-        for task in state.assigned:
-            task.sent_to = None  # whatever runs again is sent again, elsewhere
-        kind = "crashed" if state.ready else "start"
+        kind = "crashed" if state.started else "start"
         self._apply(self._sched.worker_died(state, Failure(kind, state, code), started, time.monotonic()))
 
     def _reap(self, proc: _Proc) -> None:
@@ -798,7 +843,6 @@ class _Wake:
         self.lock = threading.Lock()
         self.pending = False
         self.closed = False
-        self.dropped = False
 
     def post_locked(self, command: tuple[Any, ...]) -> None:
         """Queue ``command`` and wake the manager (the caller holds ``lock``)."""
@@ -817,11 +861,16 @@ class _Wake:
 
     def poke_dropped(self, _ref: Any) -> None:
         """The pool was dropped (weakref callback): wake the manager to stop its workers."""
-        with self.lock:
-            self.dropped = True
+        # Not waiting for the lock: a GC pass may run this in a thread that holds it (posting);
+        # whoever holds it is writing a wake-up byte, or closing the pipe, either way enough.
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
             if not self.closed and not self.pending:
                 self.pending = True
                 os.write(self.w, b"x")
+        finally:
+            self.lock.release()
 
     def drain(self) -> deque[tuple[Any, ...]]:
         # Drain first, then clear the flag, then read the inbox: a command posted at any point
@@ -846,6 +895,7 @@ class _Wake:
         return leftovers
 
 
+_buffers_of = operator.attrgetter("buffers")
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
@@ -905,7 +955,7 @@ def _transient(error: BaseException) -> bool:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
             return True
-        if type(exc).__name__ == "ZygoteError" and "Resource temporarily unavailable" in str(exc):
+        if isinstance(exc, ZygoteError):  # the zygote could not clone just now (it falls back, or recovers)
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -965,6 +1015,47 @@ def _has_cloudpickle() -> bool:
     return True
 
 
+def _cloudpickle_hint(exc: BaseException) -> str:
+    """A pointer to cloudpickle, where the failure is one it removes: a lambda, a closure, a local
+    class, a function not reachable by its name. (Locks, sockets... no pickler can send.)"""
+    text = str(exc)
+    if _has_cloudpickle() or not any(sign in text for sign in ("<lambda>", "<locals>", "local object",
+                                                               "attribute lookup")):
+        return ""
+    return " (lambdas and closures need cloudpickle: pip install 'forkio[cloudpickle]')"
+
+
+def _alias(name: str, value: Any, alias: str, alias_value: Any) -> tuple[Any, str]:
+    """``value``, or ``alias_value`` when given under ``ProcessPoolExecutor``'s name instead;
+    with the name it came by."""
+    if alias_value is None:
+        return value, name
+    if value is not None:
+        raise TypeError(f"give {name}= or its alias {alias}=, not both")
+    return alias_value, alias
+
+
+def _check_mp_context(context: Any) -> None:
+    """``mp_context`` is accepted for ``ProcessPoolExecutor`` code: workers always start fresh
+    (as with "spawn" or "forkserver"), so a "fork" context, whose promise they cannot keep, is refused."""
+    if context is None:
+        return
+    start_method = getattr(context, "get_start_method", None)
+    if not callable(start_method):
+        raise TypeError(f"mp_context must be a multiprocessing context or None, not {type(context).__name__}")
+    if start_method() == "fork":
+        raise ValueError("mp_context: forkio's workers start fresh, never forked from this process, so they "
+                         "cannot inherit what a 'fork' context promises; leave mp_context out (or use 'spawn')")
+
+
+def _mp_authkey() -> bytes | None:
+    """This process's ``multiprocessing`` authkey, which workers take as their own (as multiprocessing's
+    children do), so that a ``Manager`` proxy passed to a task can connect. None when multiprocessing
+    is not in use here: importing it in every worker would slow every start."""
+    process = sys.modules.get("multiprocessing.process")
+    return None if process is None else bytes(process.current_process().authkey)
+
+
 def _message_handler(on_message: Callable[[Any], None] | None,
                      on_progress: Callable[[float, float | None], None] | None) -> Callable[[Any], None] | None:
     if on_progress is None:
@@ -979,4 +1070,4 @@ def _message_handler(on_message: Callable[[Any], None] | None,
     return handle
 
 
-from ._pool_stream import TaskOptions, TaskResult  # noqa: E402  (they build on Pool)
+from ._pool_stream import TaskOptions, TaskResult, check_count, check_timeout  # noqa: E402  (they build on Pool)

@@ -47,7 +47,6 @@ class Task:
     cancelled: bool = False
     deadline: float | None = None
     buffers: list[Any] | None = None  # big argument buffers, sent apart through shared memory
-    sent_to: Any = None  # the I/O layer's note of where it went (for ``Future.running()``)
 
 
 @dataclass(eq=False)
@@ -55,7 +54,8 @@ class Worker:
     """The scheduler's view of one worker process."""
 
     id: int
-    ready: bool = False
+    ready: bool = False  # takes tasks now (False again once its channel is found closed)
+    started: bool = False  # it was ready once: a death after that is not a failure to start
     assigned: deque[Task] = field(default_factory=deque)
     tasks_done: int = 0
     consumed: int = 0  # tasks it has taken off its queue, as far as we know (results + skips)
@@ -145,7 +145,7 @@ class Scheduler:
         self.queue.append(task)
 
     def worker_ready(self, worker: Worker) -> None:
-        worker.ready = True
+        worker.ready = worker.started = True
         self.start_failures = 0
 
     def spawned(self) -> None:
@@ -159,7 +159,7 @@ class Scheduler:
         self.spawn_failures += 1
         if self.failing_since is None:
             self.failing_since = now
-        alive = any(w.ready for w in self.workers.values())
+        alive = any(w.started for w in self.workers.values())
         if not transient or (not alive and now - self.failing_since > SPAWN_GIVE_UP):
             return [Break(error)]
         return self._respawn_later(now, self.spawn_failures)
@@ -177,9 +177,15 @@ class Scheduler:
 
     def task_finished(self, worker: Worker, task_id: int, ok: bool, value: Any, seconds: float) -> list[Action]:
         actions: list[Action] = []
-        task = self._take(worker, task_id)
-        if task is None:
-            return actions  # a result for a task we already gave up on
+        assigned = worker.assigned
+        if assigned and assigned[0].id == task_id:  # the usual case, first
+            task = assigned.popleft()
+            worker.consumed += 1
+        else:
+            taken = self._take(worker, task_id)
+            if taken is None:
+                return actions  # a result for a task we already gave up on
+            task = taken
         worker.tasks_done += 1
         if not ok:
             worker.failures += 1
@@ -188,7 +194,8 @@ class Scheduler:
             actions.append(Resolve(task, ok, value))
         if not worker.retiring and self._worn_out(worker):
             worker.retiring = True
-        actions.extend(self._retire_if_done(worker))
+        if worker.retiring:
+            actions.extend(self._retire_if_done(worker))
         return actions
 
     def task_skipped(self, worker: Worker, task_id: int) -> list[Action]:
@@ -265,7 +272,7 @@ class Scheduler:
         self.queue.extendleft(reversed(rest))
         if self.closing and not self.queue:
             return actions
-        if not worker.ready:
+        if not worker.started:
             # It died before it was ready: a start that crashes. Retry (later, and later), but a
             # few in a row mean no worker can start: break, saying why, rather than loop forever.
             self.start_failures += 1
@@ -384,7 +391,7 @@ class Scheduler:
                 if task.timeout is not None and (worker.assigned or sent):
                     break  # a task with a deadline runs alone, so its clock starts when it starts
                 size += len(task.payload)
-                if sent and size > MAX_BATCH_BYTES:
+                if size > MAX_BATCH_BYTES and sent:
                     break
                 self.queue.popleft()
                 if task.timeout is not None:

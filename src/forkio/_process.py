@@ -85,12 +85,12 @@ class _Process:
         """
         return self._startup_error()
 
-    def _startup_error(self) -> str | None:
+    def _startup_error(self, wait: float = 0.0) -> str | None:
         channel: Channel | None = getattr(self, "_channel", None)  # the endpoint's (both faces have one)
         if channel is None:
             return None
         if channel.peer_failure is None and channel.connected and self._popen.poll() is not None:
-            channel.read_pending()  # it is the first and last thing such a child sends
+            channel.read_pending(wait)  # it is the first and last thing such a child sends
         return channel.peer_failure
 
     @property
@@ -173,7 +173,7 @@ class ChildProcess(_Process, Endpoint):
 
     Events: ``"message"`` (message[, handle]), ``"disconnect"``, ``"exit"`` (exit_code,
     signal_name) and ``"error"`` (exception). ``"exit"`` fires once, after the reader has
-    delivered every message.
+    delivered every message the child sent (so a ``"message"`` listener must not wait for it).
     """
 
     _events = ("message", "disconnect", "exit", "error")
@@ -208,7 +208,7 @@ class ChildProcess(_Process, Endpoint):
         reader = self._reader
         if reader is not None:
             self._delivered_all(reader)  # "exit" comes after every message the child sent
-        self._startup_error()  # known before the listeners run
+        self._startup_error(wait=1.0)  # known before the listeners run (a recv() may be reading it)
         with self._exit_lock:
             if self._exit_emitted:
                 return
@@ -259,10 +259,16 @@ def fork(script: str | os.PathLike[str] | None = None, args: Sequence[str] = (),
     ``preload`` modules already imported: a few milliseconds) where that is safe, and execs a
     fresh interpreter otherwise; ``"zygote"`` insists, ``"exec"`` never uses one. ``preload``
     defaults to ``forkio.set_preload(...)``'s list. ``child.start_method`` says which it was.
+
+    Everything is checked before anything starts: a bad option is a ``TypeError`` or
+    ``ValueError`` (``args`` and ``env`` take str, bytes or os.PathLike; ``timeout`` > 0 seconds,
+    ``inf`` for none; ``kill_signal`` a number or a name such as ``"SIGINT"``), a script that is
+    missing, a directory without ``__main__.py`` or unreadable the ``OSError`` opening it would
+    give. No process to be had (``RLIMIT_NPROC``...) raises that ``OSError``; nothing is disabled.
     """
     timeout, kill_signal = timeout_arg(timeout, zero=False), signal_arg(kill_signal, "kill_signal")
     spec = build_spec(script, args, module=module, cwd=cwd, env=env, executable=executable, exec_args=exec_args,
                       stdio=stdio, serialization=serialization, detached=detached, start=start, preload=preload)
     popen, sock, method = launch(spec)
-    channel = Channel(sock, serialization=spec.serialization, max_frame_size=max_frame_size)
+    channel = Channel(sock, serialization=spec.serialization, max_frame_size=max_frame_size, node_peer=spec.is_node)
     return ChildProcess(popen, channel, spec, kill_signal=kill_signal, timeout=timeout, start_method=method)

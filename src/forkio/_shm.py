@@ -98,17 +98,25 @@ def _unnamed_shm() -> int:
 
 
 def _posix_shm() -> int:
+    """A POSIX shm object, unlinked at once. Between ``shm_open`` and ``shm_unlink`` it has a
+    name: catchable signals are blocked for those two calls, so only SIGKILL (or a crash) there
+    can leave the name behind."""
     import _posixshmem  # type: ignore[import-not-found]
     import secrets
+    import signal
 
-    for _ in range(100):
-        name = f"/forkio-{os.getpid()}-{secrets.token_hex(6)}"  # macOS allows 31 characters
-        try:
-            fd: int = _posixshmem.shm_open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            continue
-        _posixshmem.shm_unlink(name)  # anonymous from here on: nothing left to leak
-        return fd
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        for _ in range(100):
+            name = f"/forkio-{os.getpid()}-{secrets.token_hex(6)}"  # macOS allows 31 characters
+            try:
+                fd: int = _posixshmem.shm_open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
+            _posixshmem.shm_unlink(name)  # anonymous from here on: nothing left to leak
+            return fd
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     raise FileExistsError("could not create a POSIX shared-memory object")
 
 

@@ -17,6 +17,8 @@ the request: the preload list, the startup environment (``PYTHON*``, locale, ``H
 process attributes inherited at fork (uid/gids, umask, resource limits). When one of
 those changes, the next fork gets a zygote that matches. A dead zygote is replaced on the next
 fork; a zygote that cannot clone safely says why once, and ``start="auto"`` execs from then on.
+A clone that fails for want of a process (``EAGAIN``, ``ENOMEM``) fails that one fork with the
+``OSError``; the next fork clones again.
 """
 
 from __future__ import annotations

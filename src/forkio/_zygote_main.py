@@ -45,10 +45,10 @@ from ._errors import ChannelClosed
 from ._handles import close_fds
 
 CLONE_PARENT = 0x00008000
-# clone() errors that say "not now" (RLIMIT_NPROC, pid or memory shortage), not "never here".
-_SHORTAGE = (errno.EAGAIN, errno.ENOMEM)
 CLONE_CHILD_SETTID = 0x01000000
 _SYS_CLONE = {"x86_64": 56, "amd64": 56, "aarch64": 220, "arm64": 220}
+# clone() errors that say "not now" (RLIMIT_NPROC, pid or memory shortage), not "never here".
+_SHORTAGE = (errno.EAGAIN, errno.ENOMEM)
 
 
 def native_threads() -> int:
