@@ -242,6 +242,7 @@ class Supervisor:
             if worker._kill_at is not None:
                 if now >= worker._kill_at:
                     worker._kill_at = None
+                    worker._last_beat = None  # dead in a moment: not a hang to report again
                     worker.process.kill(signal.SIGKILL)
             elif timeout is not None and worker._last_beat is not None and now - worker._last_beat >= timeout:
                 self.log(f"worker {worker.id} (pid {worker.pid}) event loop silent for {timeout:g} s: "
@@ -407,9 +408,12 @@ class Supervisor:
         elif rest:
             worker._partial[fd] = rest
         if lines:
-            out.flush()
-            out.buffer.write(b"".join(prefix + line + b"\n" for line in lines))
-            out.buffer.flush()
+            try:
+                out.flush()
+                out.buffer.write(b"".join(prefix + line + b"\n" for line in lines))
+                out.buffer.flush()
+            except (AttributeError, OSError, ValueError):
+                pass  # no stdout/stderr to relay to (closed, or None): the lines are dropped
 
     def _on_exit(self, worker: Worker) -> None:
         process = worker.process
