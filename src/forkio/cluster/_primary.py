@@ -87,11 +87,18 @@ class Worker(EventEmitter):
         self.process.send(message, handle)
 
     def disconnect(self) -> None:
-        """Ask the worker to stop gracefully: stop accepting, finish in-flight work, exit."""
+        """Ask the worker to stop gracefully: stop accepting, finish in-flight work, exit.
+
+        While the cluster keeps a number of workers (``run()``, ``scale()``) it is replaced:
+        lower the number with ``cluster.scale()`` to have one fewer.
+        """
         self._supervisor.call(lambda: self._supervisor.stop_worker(self, quick=False))
 
     def kill(self, sig: int | str = signal.SIGTERM) -> None:
-        """Send ``sig`` (SIGTERM: a graceful stop) to the worker; it is not replaced."""
+        """Send ``sig`` to the worker (SIGTERM: a graceful stop); ``exited_after_disconnect`` will be True.
+
+        Replaced like a ``disconnect()``-ed worker while the cluster keeps a number of workers.
+        """
         number = getattr(signal, sig) if isinstance(sig, str) else int(sig)
         self._supervisor.call(lambda: self._supervisor.kill_worker(self, number))
 
