@@ -264,13 +264,14 @@ def reloads(server: Server) -> tuple[int, int, bool]:
 
 def blocked(server: Server) -> tuple[float | None, int]:
     """GET /block/60 (timeout 5 s where the server has one): seconds until that worker died, other failures."""
-    server.seen |= pids_serving(server.port)
+    current = pids_serving(server.port)  # the workers serving now (not ones a reload is still stopping)
+    server.seen |= current
     sent = time.monotonic()
     threading.Thread(target=_try, args=(server.port, "/block/60"), daemon=True).start()
     time.sleep(0.3)  # let the blocking request reach its worker before the load starts
     load = Load(server.port, rate=100, threads=2, seconds=14)
     time.sleep(0.5)
-    stuck = {p for p in server.seen if alive(int(p))} - {body for _, body in load.ok}
+    stuck = current - {body for _, body in load.ok}
     waited_from = time.monotonic()
     died = wait_until(lambda: any(not alive(int(p)) for p in stuck), 13, 0.02) if stuck else None
     load.finish()
