@@ -45,7 +45,8 @@ EVENTS = ("fork", "online", "listening", "message", "disconnect", "exit", "error
 QUICK_GRACE = 1.0  # a worker told to stop quickly, or sent SIGABRT, is SIGKILLed after this long
 # So a replacement starts in milliseconds. Not forkio.cluster itself: whether it is a worker is
 # decided when it is imported, and a zygote that imported it would clone primaries.
-DEFAULT_PRELOAD = ("asyncio",)
+# The rest is what importing forkio.cluster costs a worker (tens of ms otherwise).
+DEFAULT_PRELOAD = ("asyncio", "concurrent.futures", "selectors", "faulthandler", "forkio._process")
 
 
 class Worker(EventEmitter):
