@@ -67,6 +67,9 @@ def add_map_command(commands: Any) -> argparse.ArgumentParser:
                      help="stop an input that runs longer than this (its worker is replaced)")
     cmd.add_argument("--retries", type=_non_negative_int, default=0,
                      help="run an input again this many times if its worker crashes or it times out")
+    cmd.add_argument("--cluster", metavar="ADDRESS", default=None,
+                     help="run on a Dask cluster, e.g. tcp://scheduler:8786 (needs forkio[dask]; "
+                          "the function's module must be importable on the Dask workers)")
     cmd.add_argument("--preload", action="append", default=[], metavar="MODULE",
                      help="import MODULE in the workers up front (repeatable)")
     cmd.add_argument("--ordered", action="store_true", help="write results in input order (default: as done)")
@@ -196,6 +199,8 @@ def run_map(args: argparse.Namespace) -> int:
         raise UsageError("--resume needs --output FILE (the results to resume from)")
     if args.retry_failed and not args.resume:
         raise UsageError("--retry-failed goes with --resume")
+    if args.cluster and args.workers:
+        raise UsageError("-j/--workers does not go with --cluster: the Dask workers' threads are the workers")
     fn = load_function(args.function)
     lines, total = _lines(args)
     skip = _answered(args.output, args.retry_failed) if args.resume else set()
@@ -219,7 +224,7 @@ def run_map(args: argparse.Namespace) -> int:
     status = EXIT_OK
     # Workers import the function's module as they start, so --timeout counts the work, not the import.
     pool = Pool(args.workers, task_timeout=args.timeout, retries=args.retries, preload=tuple(args.preload),
-                initializer=importlib.import_module, initargs=(fn.__module__,))
+                initializer=importlib.import_module, initargs=(fn.__module__,), cluster=args.cluster)
     try:
         for result in pool.stream(partial(_call, fn), pending, ordered=args.ordered):
             index, value = result.input

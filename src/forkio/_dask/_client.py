@@ -81,7 +81,9 @@ class _Hub:
         self.client = client
         self.pools: dict[str, DaskPool] = {}
         # Someone else's handler of the scheduler's "all" topic keeps receiving its events.
-        self.previous = getattr(client, "_event_handlers", {}).get("all")
+        previous = getattr(client, "_event_handlers", {}).get("all")
+        # unsubscribe_topic() leaves the handler in place: an earlier hub's is no one's to chain to.
+        self.previous = None if isinstance(getattr(previous, "__self__", None), _Hub) else previous
         client.subscribe_topic(MESSAGES_TOPIC, self._on_message)
         client.subscribe_topic("all", self._on_all)
 
