@@ -23,9 +23,8 @@ import pytest
 distributed = pytest.importorskip("distributed")
 
 import dask_tasks  # noqa: E402
-import pool_tasks as tasks  # noqa: E402
-
 import forkio  # noqa: E402
+import pool_tasks as tasks  # noqa: E402
 from forkio import Pool, RemoteError, TaskTimeout, WorkerCrashed  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
@@ -243,21 +242,25 @@ def test_terminate_stops_what_runs_and_leaves_nothing(client: Any, tmp_path: Pat
 
 def test_a_lost_dask_worker_fails_its_task_with_a_typed_error(pool: Pool, client: Any, tmp_path: Path) -> None:
     pool._lost_on_purpose = True  # type: ignore[attr-defined]
-    mark = tmp_path / "pid"
-    doomed = pool.submit(dask_tasks.hang_first_time, str(mark))
-    retried = pool.options(retries=1).submit(dask_tasks.hang_first_time, str(tmp_path / "pid2"))
-    # Kill the Dask workers running them (each forkio child's ancestor among the Dask workers).
-    workers = set(_worker_pids(client).values())
-    for path in (mark, tmp_path / "pid2"):
-        ancestors = {p.pid for p in psutil.Process(_wait_for_pid(path)).parents()}
-        (victim,) = workers & ancestors
-        os.kill(victim, signal.SIGKILL)
-    with pytest.raises(forkio.WorkerLost) as info:
-        doomed.result(timeout=30)
-    assert isinstance(info.value, WorkerCrashed) and info.value.address.startswith("tcp://")
-    assert retried.result(timeout=30) == "second attempt"
-    client.wait_for_workers(2, timeout=30)
-    client.keep_worker_pids()  # the nannies started new ones: those live on for the module
+    marks = [tmp_path / "doomed", tmp_path / "retried"]
+    doomed = pool.submit(dask_tasks.hang_first_time, str(marks[0]))
+    retried = pool.options(retries=1).submit(dask_tasks.hang_first_time, str(marks[1]))
+    try:
+        # Kill the Dask workers running them (each forkio child's ancestor among the Dask workers).
+        workers = set(_worker_pids(client).values())
+        victims = set()
+        for mark in marks:
+            victims |= workers & {p.pid for p in psutil.Process(_wait_for_pid(mark)).parents()}
+        assert victims
+        for victim in victims:
+            os.kill(victim, signal.SIGKILL)
+        with pytest.raises(forkio.WorkerLost) as info:
+            doomed.result(timeout=30)
+        assert isinstance(info.value, WorkerCrashed) and info.value.address.startswith("tcp://")
+        assert retried.result(timeout=30) == "second attempt"  # on another worker, or a restarted one
+    finally:
+        client.wait_for_workers(2, timeout=30)
+        client.keep_worker_pids()  # the nannies started new ones: those live on for the module
 
 
 def test_cli_map_on_the_cluster(client: Any) -> None:

@@ -19,6 +19,8 @@ does everything else, so neither the caller nor Dask's event loop ever waits on 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import pickle
 import queue
@@ -30,7 +32,6 @@ from concurrent.futures import Future
 from typing import Any
 
 from distributed import Client, KilledWorker
-from distributed import Future as DaskFuture
 
 from .._errors import SerializationError
 from .._pool import Pool, PoolClosed, TaskFuture, _decode_error
@@ -53,7 +54,7 @@ class _Record:
         self.on_message = on_message
         self.future: DaskTaskFuture | None = None
         self.wire = 0
-        self.dask: DaskFuture | None = None
+        self.dask: Any = None  # a distributed.Future (Dask is typed only in part: Any here)
 
 
 class DaskTaskFuture(TaskFuture):
@@ -70,14 +71,14 @@ class DaskTaskFuture(TaskFuture):
         if not Future.cancel(self):
             return False
         if record is not None:
-            self._pool._post(("cancel", record))  # type: ignore[attr-defined]
+            self._pool._post(("cancel", record))
         return True
 
 
 class _Hub:
     """Per Dask client: the event subscriptions every pool on it shares (Dask allows one handler a topic)."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Any) -> None:
         self.client = client
         self.pools: dict[str, DaskPool] = {}
         # Someone else's handler of the scheduler's "all" topic keeps receiving its events.
@@ -116,7 +117,7 @@ class _Hub:
             pass
 
 
-_hubs: weakref.WeakKeyDictionary[Client, _Hub] = weakref.WeakKeyDictionary()
+_hubs: weakref.WeakKeyDictionary[Any, _Hub] = weakref.WeakKeyDictionary()
 _hubs_lock = threading.Lock()
 
 
@@ -154,13 +155,14 @@ class DaskPool(Pool):
         if spare_workers < 0:
             raise ValueError("spare_workers must be >= 0")
         self._owns_client = not isinstance(cluster, Client)
-        self.client: Client = Client(cluster, set_as_default=False) if self._owns_client else cluster
+        self.client: Any = (Client(cluster, set_as_default=False)  # type: ignore[no-untyped-call]
+                            if self._owns_client else cluster)
         self.key = uuid.uuid4().hex[:12]
         self.workers = max(1, sum(self.client.nthreads().values()))
         self.restarts = 0
         self._wires = itertools.count(1)
         self._live: dict[int, _Record] = {}  # by wire id, until resolved
-        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._closed = False
         self._broken = None
         self.client.register_plugin(ForkioPlugin(), name="forkio")
@@ -219,7 +221,7 @@ class DaskPool(Pool):
 
     def stats(self) -> list[dict[str, Any]]:
         """Per forkio child on each Dask worker: the local pool's row, with ``dask_worker`` its address."""
-        rows = []
+        rows: list[dict[str, Any]] = []
         for address, local_rows in self.client.run(stats, self.key).items():
             rows.extend({**row, "dask_worker": address} for row in local_rows)
         return rows
@@ -230,17 +232,17 @@ class DaskPool(Pool):
                f"in_flight={len(self._live)}>"
 
     def _post(self, command: tuple[Any, ...]) -> None:
-        self._inbox.put(command)
+        self._commands.put(command)
 
     # ---- the pump thread ------------------------------------------------------------------------
     def _pump(self) -> None:
         closing: bool | None = None  # None: open; False: draining; True: terminate
         try:
             while True:
-                commands = [self._inbox.get()]
+                commands = [self._commands.get()]
                 while True:  # take all that is there: results are fetched, cancels sent, in bulk
                     try:
-                        commands.append(self._inbox.get_nowait())
+                        commands.append(self._commands.get_nowait())
                     except queue.Empty:
                         break
                 done, cancels = [], []
@@ -271,9 +273,9 @@ class DaskPool(Pool):
                 self._settle(record, None, None)
             self._teardown(bool(closing))
 
-    def _finish(self, done: list[tuple[_Record, DaskFuture]]) -> None:
+    def _finish(self, done: list[tuple[_Record, Any]]) -> None:
         """Dask futures that finished: fetch the results of all of them at once, settle their tasks."""
-        ready: list[tuple[_Record, DaskFuture]] = []
+        ready: list[tuple[_Record, Any]] = []
         for record, dask in done:
             if record.dask is not dask:
                 continue  # a superseded attempt (its worker was lost; it was submitted again)
@@ -352,12 +354,17 @@ class DaskPool(Pool):
         dasks = [r.dask for r in records if r.dask is not None]
         for record in records:
             self._settle(record, None, None)
-        try:
-            if dasks:
-                self.client.cancel(dasks)
-            self.client.run(cancel_tasks, self.key, wires)
-        except Exception:  # the cluster is going away: its tasks go with it
-            pass
+        # In the background: a broadcast may wait (up to Dask's connect timeout) on a worker that just died.
+        if dasks:
+            self._background(self.client.cancel(dasks, asynchronous=True))
+        self._background(self.client.run(cancel_tasks, self.key, wires, asynchronous=True))
+
+    def _background(self, coroutine: Any) -> None:
+        async def run() -> None:
+            with contextlib.suppress(Exception):  # the cluster is going away: its tasks go with it
+                await coroutine
+
+        asyncio.run_coroutine_threadsafe(run(), self.client.loop.asyncio_loop)
 
     def _cancel_queued(self, cancels: list[_Record]) -> None:
         """``shutdown(cancel_futures=True)``: every worker refuses new tasks; what is not running is cancelled."""
