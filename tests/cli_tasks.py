@@ -27,3 +27,25 @@ def slow(text: str) -> str:
 
 
 not_callable = 42
+
+
+
+def awkward(name: str) -> Any:
+    """Values JSON cannot hold exactly."""
+    return {
+        "nan": float("nan"),
+        "inf": float("inf"),
+        "nested_nan": {"scores": [1.0, float("-inf")]},
+        "set": {1, 2, 3},
+        "bytes": b"\x00\xff",
+        "object": object(),
+        "bad_repr": _BadRepr(),
+        "tuple": (1, 2),
+        "int_keys": {1: "a"},
+        "text": "plain",
+    }[name]
+
+
+class _BadRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")

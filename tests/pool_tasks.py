@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -156,3 +157,89 @@ def in_band(arr: Any) -> bool:
     while not isinstance(base, memoryview) and getattr(base, "base", None) is not None:
         base = base.base
     return isinstance(base, memoryview) and isinstance(base.obj, bytes | bytearray)
+
+
+# ---- for the hardening tests ---------------------------------------------------------------
+def fail_on_init_number(counter_file: str, bad: int) -> None:
+    """An initializer that fails only in the ``bad``-th worker started (a passing failure)."""
+    path = Path(counter_file)
+    count = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(count))
+    if count == bad:
+        raise RuntimeError(f"transient initializer failure (worker #{count})")
+
+
+def set_worker_payload_limit(limit: int) -> None:
+    from forkio import _pool_worker
+
+    _pool_worker.MAX_PAYLOAD = limit
+
+
+def big_bytes(n: int) -> bytes:
+    return b"y" * n
+
+
+def wait_for_file(path: str) -> bool:
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return True
+
+
+def log_then_sleep(log: str, name: str, seconds: float) -> str:
+    with open(log, "a") as f:
+        f.write(f"{name} {os.getpid()}\n")
+    time.sleep(seconds)
+    return name
+
+
+def started_pids(log: str, name: str) -> list[int]:
+    if not os.path.exists(log):
+        return []
+    with open(log) as f:
+        return [int(pid) for key, pid in (line.split() for line in f if line.strip()) if key == name]
+
+
+def started_runs(log: str, name: str) -> int:
+    return len(started_pids(log, name))
+
+
+class Blob:
+    """Bytes that travel out of band (through shared memory, at 1 MiB or more), like an array's."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        import pickle
+
+        return (Blob, (pickle.PickleBuffer(self.data),))
+
+
+def big_buffer(nbytes: int) -> Blob:
+    return Blob(bytearray(nbytes))
+
+
+class _ExitOnUnpickle:
+    def __reduce__(self) -> Any:
+        return (sys.exit, (1,))
+
+
+def exit_when_unpickled() -> Any:
+    return _ExitOnUnpickle()
+
+
+def sleep_then_print(seconds: float, text: str) -> None:
+    time.sleep(seconds)
+    print(text, flush=True)
+
+
+def sleep_then_write(seconds: float, path: str) -> None:
+    time.sleep(seconds)
+    Path(path).write_text("done")
+
+
+def report_unloadable() -> str:
+    """Report a message that cannot be unpickled in the caller (it calls sys.exit there)."""
+    forkio.report(_ExitOnUnpickle())
+    return "done"

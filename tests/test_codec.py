@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -97,15 +98,24 @@ def test_json_garbage_line_is_an_item_not_a_stop() -> None:
 
 
 def test_json_line_longer_than_max_is_refused() -> None:
+    """A line past max_frame_size is an error item as soon as the limit is passed; its rest is
+    dropped as it arrives (never buffered), and the line after it decodes."""
     decoder = JsonCodec(max_frame_size=100).decoder()
-    with pytest.raises(ProtocolError):
-        decoder.feed(b"[" + b"1," * 200)
+    assert decoder.feed(b"[" + b"1," * 40) == []
+    items = decoder.feed(b"1," * 40)
+    assert len(items) == 1 and isinstance(items[0][4], ProtocolError)
+    assert decoder.pending == 0
+    for _ in range(100):
+        assert decoder.feed(b"1," * 1000) == []
+        assert decoder.pending == 0
+    assert [i[0] for i in decoder.feed(b'1]\n"after"\n')] == ["after"]
 
 
 def test_node_internal_messages_are_recognised() -> None:
     assert is_internal({"cmd": "NODE_HANDLE_ACK"})
     assert not is_internal({"cmd": "hello"})
     assert not is_internal(["NODE_X"])
+    assert not is_internal({"cmd": "NODE_"})  # Node wants something after the prefix
 
 
 def test_fds_are_matched_to_their_frame() -> None:
@@ -135,3 +145,178 @@ def test_large_frames_fill_their_own_buffer_whatever_the_chunks(cuts: list[int],
     out = feed_in_chunks(decoder, stream, cuts)
     assert out == messages
     assert decoder.pending == 0
+
+
+def test_json_deeply_nested_line_is_an_item_and_later_lines_arrive() -> None:
+    """A line nested deeper than Python recurses is a ProtocolError item; the lines after it in the
+    same read still decode (issue 8, item 2)."""
+    depth = 100_000
+    items = JsonCodec().decoder().feed(b'"before"\n' + b"[" * depth + b"]" * depth + b'\n"after"\n')
+    assert items[0][0] == "before"
+    assert isinstance(items[1][4], ProtocolError)
+    assert isinstance(items[1][4].__cause__, RecursionError)
+    assert items[2][0] == "after"
+
+
+def test_json_long_line_is_searched_once() -> None:
+    """Bytes already buffered are not searched again for a newline (the decoder is linear in the
+    line's length: issue 8, item 25). Counted, not timed: each byte goes through find once."""
+    decoder = JsonCodec().decoder()
+    line = b'"' + b"x" * 500_000 + b'"\n'
+    searched = 0
+    real_feed = decoder.feed
+
+    class Counting(bytes):
+        def rfind(self, *args: object) -> int:  # type: ignore[override]
+            nonlocal searched
+            searched += len(self)
+            return super().rfind(*args)  # type: ignore[arg-type]
+
+    out = []
+    for start in range(0, len(line), 1000):
+        out += real_feed(Counting(line[start:start + 1000]))
+    assert [i[0] for i in out] == ["x" * 500_000]
+    assert searched == len(line)
+
+
+def _fd_frames(codec: PickleCodec, count: int) -> tuple[list[bytes], list[int], list[int]]:
+    """``count`` frames each sending one pipe's read end as a handle; the read and write ends."""
+    frames, reads, writes = [], [], []
+    for i in range(count):
+        r, w = os.pipe()
+        os.write(w, str(i).encode())
+        reads.append(r)
+        writes.append(w)
+        frames.append(codec.encode(i, "fd"))
+    return frames, reads, writes
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_stray_fds_are_closed_at_once_and_never_claimed() -> None:
+    """An fd that came with a frame declaring none is closed when that frame is decoded, and
+    the next handle frame takes its own fd, not the stray one (issue 8, item 6)."""
+    codec = PickleCodec()
+    stray_r, stray_w = os.pipe()
+    frames, reads, writes = _fd_frames(codec, 1)
+    try:
+        decoder = codec.decoder()
+        assert [i[:2] for i in decoder.feed(codec.encode("stray"), [stray_r])] == [("stray", [])]
+        assert not _is_open(stray_r)
+        items = decoder.feed(frames[0], reads)
+        assert items[0][:2] == (0, reads)
+        assert os.read(items[0][1][0], 10) == b"0"
+    finally:
+        for fd in (stray_w, *reads, *writes):
+            os.close(fd)
+
+
+def test_frame_missing_its_fds_is_an_error_item() -> None:
+    """A frame that announces an fd which did not come with it fails alone; it never takes an fd
+    that came earlier (closed then) or later."""
+    codec = PickleCodec()
+    decoder = codec.decoder()
+    r, w = os.pipe()
+    try:
+        decoder.feed(codec.encode("plain"), [r])  # r is stray: closed
+        items = decoder.feed(codec.encode("handle", "fd") + codec.encode("after"))
+        assert isinstance(items[0][4], SerializationError)
+        assert items[1][0] == "after"
+        assert not _is_open(r)
+    finally:
+        os.close(w)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=6), st.lists(st.integers(0, 100_000), max_size=6),
+       st.integers(0, 2_000_000))
+def test_fds_follow_their_frame_whatever_the_chunks(with_fd: list[bool], cuts: list[int], pad: int) -> None:
+    """Frames with and without fds (some over LARGE_FRAME), cut anywhere: fds are fed with the
+    chunk holding their frame's first byte, as the kernel delivers them, and each frame gets
+    exactly its own; nothing stays open after the decoder is done."""
+    codec = PickleCodec()
+    frames: list[bytes] = []
+    starts: list[tuple[int, int]] = []  # (stream offset of a frame with an fd, the fd)
+    opened: list[int] = []
+    pos = 0
+    for i, has_fd in enumerate(with_fd):
+        message = (i, b"p" * (pad if i == 0 else 10))
+        if has_fd:
+            r, w = os.pipe()
+            os.write(w, str(i).encode())
+            os.close(w)
+            opened.append(r)
+            frame = codec.encode(message, "fd")
+            starts.append((pos, r))
+        else:
+            frame = codec.encode(message)
+        frames.append(frame)
+        pos += len(frame)
+    stream = b"".join(frames)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {start for start, _ in starts})
+    decoder = codec.decoder()
+    out = []
+    begin = 0
+    try:
+        for point in [*points, len(stream)]:
+            if point == begin and begin != len(stream):
+                continue
+            fds = [fd for start, fd in starts if begin <= start < point]
+            out += decoder.feed(stream[begin:point], fds)
+            begin = point
+        assert [item[0][0] for item in out] == list(range(len(with_fd)))
+        for item, has_fd in zip(out, with_fd, strict=True):
+            assert len(item[1]) == int(has_fd)
+            if has_fd:
+                assert os.read(item[1][0], 10) == str(item[0][0]).encode()
+    finally:
+        decoder.close()
+        for fd in opened:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def test_handle_frame_without_its_pair_fails_alone() -> None:
+    """A handle frame whose payload is not (message, kind) is an error item; its fd is closed and
+    the frames after it decode."""
+    import pickle
+
+    r, w = os.pipe()
+    try:
+        payload = pickle.dumps("not a pair", 5)
+        stream = struct.pack(">BBBBI", 0xF5, 1, 1, 0, len(payload)) + payload + PickleCodec().encode("after")
+        items = PickleCodec().decoder().feed(stream, [r])
+        assert isinstance(items[0][4], SerializationError) and items[1][0] == "after"
+        assert not _is_open(r)
+    finally:
+        os.close(w)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.text(max_size=60), min_size=1, max_size=8), st.lists(st.integers(0, 2_000), max_size=10))
+def test_json_lines_over_the_limit_cost_only_themselves(texts: list[str], cuts: list[int]) -> None:
+    """With a small max_frame_size and any chunking, each line too long becomes one error item in
+    its place, every other line decodes, and nothing over the limit is ever held."""
+    limit = 40
+    codec = JsonCodec(max_frame_size=limit)
+    lines = [json.dumps(t, ensure_ascii=False).encode() for t in texts]
+    stream = b"".join(line + b"\n" for line in lines)
+    expected = [("error" if len(line) > limit else t) for line, t in zip(lines, texts, strict=True)]
+    decoder = codec.decoder()
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    out: list[object] = []
+    start = 0
+    for point in [*points, len(stream)]:
+        for item in decoder.feed(stream[start:point]):
+            out.append("error" if isinstance(item[4], ProtocolError) else item[0])
+        assert decoder.pending <= limit
+        start = point
+    assert out == expected

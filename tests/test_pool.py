@@ -63,7 +63,7 @@ def test_unpicklable_argument_fails_that_task_only(pool: Pool) -> None:
 
 
 def test_unpicklable_result_fails_that_task_only(pool: Pool) -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(SerializationError, match="cannot send the task's result back"):
         pool.submit(tasks.return_unpicklable).result(timeout=30)
     assert pool.submit(tasks.inc, 1).result(timeout=30) == 2
 

@@ -53,7 +53,7 @@ def test_retry_requeues_the_crashed_task_first() -> None:
     _submit(sched, task)
     actions = sched.worker_died(w0, Failure("crashed", w0, -9))
     assert not [a for a in actions if isinstance(a, Resolve)]
-    assert sched.dispatch(1.0) == [Dispatch(w1, [task])] and task.attempts == 2
+    assert sched.dispatch(1.0) == [Dispatch(w1, [task])] and task.attempts == 1
     actions = sched.worker_died(w1, Failure("crashed", w1, -9))
     assert [a.task for a in actions if isinstance(a, Resolve)] == [task]
 

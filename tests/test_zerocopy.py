@@ -167,7 +167,7 @@ def test_sender_failure_mid_message_leaves_nothing(pair: tuple[Channel, Channel]
 
     with pytest.raises(SerializationError):
         left.send([np.ones(MB), Boom()])
-    assert left._owned == set() and left._outbox is None
+    assert not left._owned and left._outbox is None
     assert _transfer(left, right, "still fine") == "still fine"
 
 
@@ -235,7 +235,7 @@ def test_encode_then_send_bytes_hands_over_the_segment(pair: tuple[Channel, Chan
     data, fds = left.encode({"a": np.full(MB // 8, 5.0)})
     assert len(fds) == 1
     left.send_bytes(data, fds)
-    assert left._owned == set()
+    assert not left._owned
     got = right.recv(timeout=10)
     assert got["a"][0] == 5.0
     del got
@@ -251,7 +251,7 @@ def test_async_send_carries_the_segment(pair: tuple[Channel, Channel]) -> None:
         return await AsyncEndpoint(right).recv(timeout=10)
 
     got = asyncio.run(main())
-    assert got["a"][0] == 3.0 and left._owned == set()
+    assert got["a"][0] == 3.0 and not left._owned
     del got
 
 

@@ -23,11 +23,13 @@ from ._parent import Parent as Parent
 from ._parent import parent as parent
 
 if TYPE_CHECKING:
+    from . import cluster as cluster
     from ._aprocess import AsyncChildProcess as AsyncChildProcess
     from ._aprocess import AsyncParent as AsyncParent
     from ._aprocess import afork as afork
     from ._aprocess import aparent as aparent
     from ._dask._errors import WorkerLost as WorkerLost
+    from ._pool import BrokenPool as BrokenPool
     from ._pool import Pool as Pool
     from ._pool import PoolClosed as PoolClosed
     from ._pool import RemoteError as RemoteError
@@ -53,6 +55,7 @@ _LAZY = {
     "ChildProcess": "._process",
     "fork": "._process",
     "Pool": "._pool",
+    "BrokenPool": "._pool",
     "PoolClosed": "._pool",
     "RemoteError": "._pool",
     "TaskFuture": "._pool",
@@ -69,6 +72,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "cluster":  # a subpackage: ``forkio.cluster`` works after a plain ``import forkio``
+        return importlib.import_module(".cluster", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'forkio' has no attribute {name!r}")
@@ -78,13 +83,14 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"cluster"})
 
 
 __all__ = [
     "AsyncChildProcess",
     "AsyncParent",
     "ChannelClosed",
+    "BrokenPool",
     "ChildProcess",
     "ForkioError",
     "Parent",
@@ -104,6 +110,7 @@ __all__ = [
     "ZygoteError",
     "afork",
     "aparent",
+    "cluster",
     "fork",
     "get_preload",
     "parent",

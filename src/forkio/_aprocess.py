@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from . import _parent
 from ._aio import AsyncEndpoint, _resolve
 from ._channel import Channel
+from ._check import signal_arg, timeout_arg
 from ._codec import DEFAULT_MAX_FRAME
 from ._errors import WaitTimeout
 from ._launch import LaunchSpec, ProcessHandle, build_spec, submit_start
@@ -30,6 +31,7 @@ class AsyncChildProcess(_Process, AsyncEndpoint):
 
     async def wait(self, timeout: float | None = None) -> int:
         """Wait for exit without blocking the loop; return the returncode."""
+        timeout = timeout_arg(timeout)
         if timeout is not None:
             try:
                 return await asyncio.wait_for(self.wait(), timeout)
@@ -43,8 +45,9 @@ class AsyncChildProcess(_Process, AsyncEndpoint):
 
     async def close(self, grace: float = DEFAULT_GRACE) -> int:
         """Disconnect, wait ``grace`` seconds, then stop the child (TERM, then KILL)."""
+        steps = self._stop_steps(grace)  # first: a bad grace changes nothing
         self.disconnect()
-        for sig, wait_for in self._stop_steps(grace):
+        for sig, wait_for in steps:
             if sig is not None:
                 self.kill(sig)
             try:
@@ -84,15 +87,15 @@ async def afork(script: str | os.PathLike[str] | None = None, args: Sequence[str
                 module: str | None = None, cwd: str | None = None, env: dict[str, str] | None = None,
                 executable: str | None = None, exec_args: Sequence[str] = (), stdio: str = "inherit",
                 serialization: str | None = None, timeout: float | None = None,
-                kill_signal: int = signal.SIGTERM, detached: bool = False,
+                kill_signal: int | str = signal.SIGTERM, detached: bool = False,
                 max_frame_size: int = DEFAULT_MAX_FRAME, start: str = "auto",
                 preload: Sequence[str] | None = None) -> AsyncChildProcess:
     """``fork()`` for asyncio code: the same options, an ``AsyncChildProcess`` back."""
-    spec = build_spec(os.fspath(script) if script is not None else None, args, module=module, cwd=cwd,
-                      env=env, executable=executable, exec_args=exec_args, stdio=stdio,
-                      serialization=serialization, detached=detached, start=start, preload=preload)
+    timeout, kill_signal = timeout_arg(timeout, zero=False), signal_arg(kill_signal, "kill_signal")
+    spec = build_spec(script, args, module=module, cwd=cwd, env=env, executable=executable, exec_args=exec_args,
+                      stdio=stdio, serialization=serialization, detached=detached, start=start, preload=preload)
     popen, sock, method = await asyncio.wrap_future(submit_start(spec))
-    channel = Channel(sock, serialization=spec.serialization, max_frame_size=max_frame_size)
+    channel = Channel(sock, serialization=spec.serialization, max_frame_size=max_frame_size, node_peer=spec.is_node)
     return AsyncChildProcess(popen, channel, spec, kill_signal=kill_signal, timeout=timeout, start_method=method)
 
 
@@ -103,4 +106,4 @@ class AsyncParent(AsyncEndpoint):
         return "<forkio.aparent>" if self._channel is not None else "<forkio.aparent (not forked)>"
 
 
-aparent = AsyncParent(_parent.parent._channel, _parent.parent._reason)
+aparent = AsyncParent(_parent.parent._channel, _parent.parent._reason, unusable=_parent.parent._unusable)

@@ -14,28 +14,50 @@ lock, taken without waiting) and the others wait on a condition for what it deco
 from __future__ import annotations
 
 import array
+import errno
+import fcntl
 import os
 import select
 import socket
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from . import _shm
-from ._codec import DEFAULT_MAX_FRAME, Codec, Incoming, PickleCodec, make_codec, segment_layout
+from ._codec import DEFAULT_MAX_FRAME, Codec, Incoming, JsonCodec, PickleCodec, make_codec, segment_layout
 from ._errors import ChannelClosed, ProtocolError, SerializationError, WaitTimeout
-from ._handles import Handle, close_fds, handle_fd, rebuild_handle
+from ._handles import RAW_FD, Handle, close_fds, handle_fd, rebuild_handle
+from ._node import DISCONNECT_ACK_WAIT, NodeLink
 
 RECV_SIZE = 64 * 1024
+CONTROL_CMD = "NODE_CLUSTER"  # Node's own name for cluster messages: internal on both kinds of channel
+# A forkio child that fails before its target's first line (a syntax error, a module not found)
+# says why in this internal message before it exits. NODE_ prefix: a Node parent ignores it.
+STARTUP_FAILED = "NODE_FORKIO_STARTUP_FAILED"
 _MAX_FDS_PER_READ = 64
 _ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS_PER_READ * 4)
 # Plain ints: or-ing the socket module's IntFlag members costs a microsecond per read.
 _RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _RECV_FLAGS_NOWAIT = _RECV_FLAGS | int(socket.MSG_DONTWAIT)
+_OUTQ: int | None = 0x5411 if sys.platform.startswith("linux") else None  # SIOCOUTQ (== TIOCOUTQ)
 
 Message = Any
+
+
+def _unread_in_socket(sock: socket.socket) -> int:
+    """Bytes we sent that the peer has not read yet (0 where the system cannot say)."""
+    global _OUTQ
+    if _OUTQ is None:
+        return 0
+    try:
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"), sys.byteorder, signed=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+            _OUTQ = None  # not on this system's sockets: no backpressure for segments
+        return 0
 
 
 def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -52,7 +74,9 @@ class Channel:
     """A message channel over a connected AF_UNIX stream socket."""
 
     def __init__(self, sock: socket.socket, *, serialization: str = "pickle",
-                 max_frame_size: int = DEFAULT_MAX_FRAME, recv_buffer: bytearray | None = None) -> None:
+                 max_frame_size: int = DEFAULT_MAX_FRAME, recv_buffer: bytearray | None = None,
+                 node_peer: bool = False) -> None:
+        """``node_peer``: the other end is a Node process (see ``_node``); only with ``"json"``."""
         sock.setblocking(True)
         self.sock = sock
         self.fd = sock.fileno()  # kept after close, to unregister from event loops
@@ -63,7 +87,11 @@ class Channel:
         self.zero_copy_threshold: int | None = _shm.DEFAULT_THRESHOLD if self._pickle is not None else None
         self._outbox: _shm.Outbox | None = None
         self._inbox_segments: _shm.Inbox | None = None
-        self._owned: set[int] = set()  # segment fds encoded but not yet handed to the kernel
+        self._owned: dict[int, int] = {}  # segment fds encoded but not yet handed to the kernel -> size
+        #: Bytes of shared segments sent and perhaps not yet read by the peer before ``encode``
+        #: waits (None: never waits). A single bigger message still goes, alone.
+        self.shm_in_flight_limit: int | None = _shm.IN_FLIGHT_BYTES
+        self._unread = 0  # segment bytes sent since the peer was last seen to have read everything
         self._reusable = _shm.REUSABLE
         self._decoder = self._pickle.decoder(self._map_segment) if self._pickle is not None else self.codec.decoder()
         self._recv_buffer = recv_buffer if recv_buffer is not None else bytearray(RECV_SIZE)
@@ -76,9 +104,15 @@ class Channel:
         self._eof = False
         self._closed = False
         self._broken: BaseException | None = None
+        #: What the peer said about failing to start (``STARTUP_FAILED``), once received.
+        self.peer_failure: str | None = None
         # Used only by the one thread reading at a time, for recv(timeout=...).
         self._in_poll = select.poll()
         self._in_poll.register(sock, select.POLLIN)
+        #: Called as ``on_control(message, fds)`` for each control message (``cmd == "NODE_CLUSTER"``),
+        #: by whichever thread reads; it owns the fds. Without it they are dropped, as Node drops them.
+        self.on_control: Any = None
+        self._node = NodeLink(self, node_peer=node_peer) if serialization == "json" else None
 
     # ----------------------------------------------------------------- state
     @property
@@ -91,11 +125,32 @@ class Channel:
         """True once the channel is closed and every message received has been taken."""
         return not self._inbox and not self.connected
 
+    @property
+    def ended(self) -> bool:
+        """True once the peer closed its end or the channel broke (not when this end closed it)."""
+        return self._eof or self._broken is not None
+
     def fileno(self) -> int:
         return self.fd
 
+    def read_in_background(self) -> None:
+        """Toward a Node peer, read all the time from a thread, as Node's runtime does (else nothing).
+
+        Started by the endpoints, in the process that uses the channel: a thread started
+        before a fork would not exist in the child.
+        """
+        if self._node is not None:
+            self._node.start_reader()
+
     def close(self) -> None:
-        """Close this end; the peer sees EOF. Undelivered messages are dropped, their fds closed."""
+        """Close this end; the peer sees EOF. Undelivered messages are dropped, their fds closed.
+
+        Toward a Node peer, the last handle sent is first given time to be acknowledged: a Node
+        child that cannot write its ACK closes its end and drops what it has not read yet.
+        """
+        node = self._node
+        if node is not None:
+            node.wait_for_ack(DISCONNECT_ACK_WAIT)
         with self._cond:
             if self._closed:
                 return
@@ -104,6 +159,8 @@ class Channel:
                 close_fds(self._inbox.popleft()[1])
             self._cond.notify_all()
         self._release_socket()
+        if node is not None:
+            node.close()
         self._disown(list(self._owned))
         if self._outbox is not None:
             self._outbox.close()
@@ -120,11 +177,15 @@ class Channel:
         self._decoder.close()  # fds of a frame that will never complete
 
     # ---------------------------------------------------------------- sending
-    def encode(self, message: Message, handle: Handle | None = None) -> tuple[bytes, list[int]]:
+    def encode(self, message: Message, handle: Handle | None = None, *,
+               wait: bool = True) -> tuple[bytes, list[int]]:
         """Frame bytes and fds for one message; raises ``SerializationError`` and sends nothing.
 
         Large buffers are copied into a shared segment whose fd ends the list; the channel closes
-        that fd once the frame has been handed to the kernel (or failed to be).
+        that fd once the frame has been handed to the kernel (or failed to be), or ``withdraw``
+        does for a frame that will not be sent. While the peer has not read
+        ``shm_in_flight_limit`` bytes of earlier segments, this waits (backpressure, as a full
+        socket blocks ``send``); with ``wait=False`` it raises ``BlockingIOError`` instead.
         """
         codec = self._pickle
         threshold = self.zero_copy_threshold
@@ -134,12 +195,15 @@ class Channel:
             data, shared = codec.encode_message(message, threshold, self._reusable)
             if not shared:
                 return data, []
-            return data, [self._pack(shared)]
+            return data, [self._pack(shared, wait)]
         fd, kind = handle_fd(handle)
-        if codec is None or threshold is None:
-            return self.codec.encode(message, kind), [fd]
+        if codec is None:  # json: Node's NODE_HANDLE envelope
+            fields = cast(NodeLink, self._node).handle_fields(handle, kind)
+            return cast(JsonCodec, self.codec).encode(message, kind, handle_fields=fields), [fd]
+        if threshold is None:
+            return codec.encode(message, kind), [fd]
         data, shared = codec.encode_shared(message, kind, threshold=threshold, reusable=_shm.REUSABLE)
-        return data, ([fd, self._pack(shared)] if shared else [fd])
+        return data, ([fd, self._pack(shared, wait)] if shared else [fd])
 
     def encode_fds(self, message: Message, fds: list[int]) -> tuple[bytes, list[int]]:
         """Like ``encode``, for a message that carries several plain fds (received as a list)."""
@@ -149,28 +213,59 @@ class Channel:
                                                   reusable=_shm.REUSABLE)
         return data, ([*fds, self._pack(shared)] if shared else list(fds))
 
-    def _pack(self, shared: list[memoryview]) -> int:
+    def _pack(self, shared: list[memoryview], wait: bool = True) -> int:
         offsets, size = segment_layout(shared)
+        if self.shm_in_flight_limit is not None:
+            self._make_room(size, self.shm_in_flight_limit, wait)
         if self._outbox is None:
             self._outbox = _shm.Outbox()
         try:
             fd = self._outbox.pack(shared, offsets, size)
         except OSError as exc:
             raise SerializationError(f"cannot place {size} bytes in shared memory: {exc}") from exc
-        self._owned.add(fd)
+        self._owned[fd] = size
+        self._unread += size
         return fd
+
+    def _make_room(self, size: int, limit: int, wait: bool) -> None:
+        """Wait until the segments in flight leave room for ``size`` more bytes.
+
+        The frames that carry segments are tiny, so a full socket never stops them: what is in
+        flight is counted here instead, and forgotten once the peer has read everything we sent
+        (the socket's send queue is empty). Polled: nothing signals that moment.
+        """
+        delay = 0.0005
+        while self._unread and self._unread + size > limit:
+            if not _unread_in_socket(self.sock):
+                self._unread = 0
+                return
+            self._check_sendable()
+            if not wait:
+                raise BlockingIOError(f"{self._unread} bytes of shared memory not yet read by the peer")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
 
     def _disown(self, fds: list[int]) -> None:
         """Close the segment fds among ``fds``: they are in flight now, or will never be."""
         for fd in fds:
-            if fd in self._owned:
-                self._owned.discard(fd)
+            if self._owned.pop(fd, None) is not None:
+                os.close(fd)
+
+    def withdraw(self, fds: list[int]) -> None:
+        """Release what ``encode`` took for a frame that will never be sent (its segment)."""
+        for fd in fds:
+            size = self._owned.pop(fd, None)
+            if size is not None:
+                self._unread = max(0, self._unread - size)
                 os.close(fd)
 
     def send(self, message: Message, handle: Handle | None = None) -> None:
         """Send one message, blocking while the peer is behind (backpressure)."""
         data, fds = self.encode(message, handle)
-        self.send_bytes(data, fds)
+        if handle is not None and self._node is not None:
+            self._node.send_handle(data, fds)
+        else:
+            self.send_bytes(data, fds)
 
     def send_many(self, messages: Iterable[Message]) -> None:
         """Send several messages in one write: the way to stream many small ones fast.
@@ -185,6 +280,32 @@ class Channel:
             frames = [self.codec.encode(message) for message in messages]
         if frames:
             self.send_bytes(b"".join(frames))
+
+    def send_control(self, message: dict[str, Any], fds: Iterable[int] = ()) -> None:
+        """Send a control message (``cmd`` set to ``"NODE_CLUSTER"``) that the peer's ``recv`` never returns.
+
+        Pickle channels mark it as a control frame; JSON channels rely on Node's ``NODE_`` prefix.
+        """
+        message = {**message, "cmd": CONTROL_CMD}
+        fds = list(fds)
+        if self._pickle is not None:
+            data = self._pickle.encode(message, control=True, raw_fds=len(fds))
+        else:
+            data = self.codec.encode(message)
+        self.send_bytes(data, fds)
+
+    def fill(self) -> None:
+        """Wait for data and decode it into the inbox, as one reader among others.
+
+        For a thread that watches a channel (its control messages, its end) while other threads
+        ``recv`` its messages: what it decodes waits in the inbox for them.
+        """
+        with self._read_lock:
+            if self.connected:
+                self.read_available(block=True)
+        if self._waiting:
+            with self._cond:
+                self._cond.notify_all()
 
     def send_fds(self, message: Message, fds: list[int]) -> None:
         """Send one message with several fds; the receiver gets them from ``recv_fds``."""
@@ -298,14 +419,16 @@ class Channel:
         return True
 
     def _internal(self, item: Incoming) -> None:
-        """Node's internal messages: unwrap passed handles and acknowledge them."""
-        msg, fds, handle_kind, _internal, _error = item
-        if isinstance(msg, dict) and msg.get("cmd") == "NODE_HANDLE":
-            try:
-                self.send_bytes(self.codec.encode({"cmd": "NODE_HANDLE_ACK"}))
-            except ChannelClosed:
-                pass
-            self._inbox.append((msg.get("msg"), fds, handle_kind, False, None))
+        """Internal messages: control and startup reports for forkio; Node's answered as Node does."""
+        msg, fds = item[0], item[1]
+        cmd = msg.get("cmd") if isinstance(msg, dict) else None
+        if cmd == CONTROL_CMD and self.on_control is not None:
+            self.on_control(msg, fds)
+        elif cmd == STARTUP_FAILED:
+            self.peer_failure = str(msg.get("error"))
+            close_fds(fds)
+        elif self._node is not None:
+            self._node.internal(item)
         else:
             close_fds(fds)
 
@@ -321,7 +444,8 @@ class Channel:
             raise error
         if not fds:
             return (message, None) if with_handle else message
-        handle = rebuild_handle(fds[0], handle_kind or "fd")
+        kind = handle_kind or RAW_FD
+        handle = rebuild_handle(fds[0], kind) if self._node is None else self._node.rebuild(fds[0], kind)
         close_fds(fds[1:])
         if with_handle:
             return message, handle
@@ -336,13 +460,37 @@ class Channel:
             raise ChannelClosed("channel is closed")
         if self._broken is not None and not isinstance(self._broken, ProtocolError):
             raise ChannelClosed("channel is broken") from self._broken
+        if self.peer_failure is not None:
+            raise ChannelClosed(f"peer closed the channel: it failed to start: {self.peer_failure}")
         raise ChannelClosed("peer closed the channel")
+
+    def read_pending(self, wait: float = 0.0) -> None:
+        """Decode what has arrived, without waiting for more. While another thread reads, leave it
+        to that thread; with ``wait``, when there is something to read, wait up to that long for
+        it to have decoded it (a reader blocked on an idle socket is not waited for)."""
+        locked = self._read_lock.acquire(blocking=False)
+        if not locked and wait > 0:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+            if any(events & (select.POLLIN | select.POLLHUP) for _, events in poller.poll(0)):
+                locked = self._read_lock.acquire(timeout=wait)
+        if locked:
+            try:
+                while self.connected and self.read_available():
+                    pass
+            finally:
+                self._read_lock.release()
+            if self._waiting:
+                with self._cond:
+                    self._cond.notify_all()
 
     def pop_fds(self) -> tuple[Any, list[int]]:
         """Take the next decoded message with every fd that came with it (the caller owns them)."""
         message, fds, _handle_kind, _internal, error = self._inbox.popleft()
         if error is not None:
             raise error
+        if self._node is not None:
+            self._node.forget(fds)
         return message, list(fds)
 
     def recv_fds(self, timeout: float | None = None) -> tuple[Any, list[int]]:

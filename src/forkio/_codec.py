@@ -30,7 +30,6 @@ import io
 import json
 import pickle
 import struct
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -208,7 +207,7 @@ class PickleCodec:
             except Exception:
                 pass  # the general path says why (or takes a memoryview out of band)
             else:
-                if not oob and (threshold is None or len(payload) < threshold):
+                if not oob and (threshold is None or len(payload) < threshold) and len(payload) <= self.max_frame_size:
                     return HEADER.pack(MAGIC, KIND_MESSAGE, 0, 0, len(payload)) + payload, _NO_BUFFERS
                 if threshold is None or len(payload) < threshold or not _big_bytes_inside(message, threshold):
                     return self._frame(KIND_MESSAGE, 0, 0, payload, oob, threshold, reusable)
@@ -217,10 +216,18 @@ class PickleCodec:
     def _frame(self, kind: int, n_fds: int, flags: int, payload: bytes, oob: list[pickle.PickleBuffer],
                threshold: int | None, reusable: bool) -> tuple[bytes, list[memoryview]]:
         if not oob:
-            if len(payload) > _MAX_PAYLOAD:
-                raise SerializationError(f"message of {len(payload)} bytes exceeds the 4 GiB frame limit")
+            self._check_size(len(payload))
             return HEADER.pack(MAGIC, kind, n_fds, 0, len(payload)) + payload, _NO_BUFFERS
         return self._with_buffers(kind, n_fds, flags, payload, oob, threshold, reusable)
+
+    def _check_size(self, length: int) -> None:
+        """Refuse a frame the peer would refuse: it would break the channel at the other end."""
+        if length > self.max_frame_size or length > _MAX_PAYLOAD:
+            limit = min(self.max_frame_size, _MAX_PAYLOAD)
+            raise SerializationError(
+                f"message of {length} bytes exceeds max_frame_size={limit}: nothing was sent. Large bytes, "
+                "bytearray and buffer objects (numpy arrays) travel in shared memory, outside the frame; "
+                "otherwise raise max_frame_size (on both sides)")
 
     @staticmethod
     def _dumps_extracting(obj: Any, threshold: int, oob: list[pickle.PickleBuffer]) -> bytes:
@@ -228,8 +235,7 @@ class PickleCodec:
         _ExtractingPickler(out, threshold, oob.append).dump(obj)
         return out.getvalue()
 
-    @staticmethod
-    def _with_buffers(kind: int, n_fds: int, flags: int, payload: bytes, oob: list[pickle.PickleBuffer],
+    def _with_buffers(self, kind: int, n_fds: int, flags: int, payload: bytes, oob: list[pickle.PickleBuffer],
                       threshold: int | None, reusable: bool) -> tuple[bytes, list[memoryview]]:
         try:
             raws = [pb.raw() for pb in oob]
@@ -255,8 +261,7 @@ class PickleCodec:
             raise SerializationError(f"a message can carry at most {_MAX_FDS} fds")
         meta = BUFFER_META.pack(len(payload), len(raws), flags)
         length = len(meta) + BUFFER_ENTRY.size * len(raws) + len(payload) + inline_pos
-        if length > _MAX_PAYLOAD:
-            raise SerializationError(f"message of {length} bytes exceeds the 4 GiB frame limit")
+        self._check_size(length)
         header = HEADER.pack(MAGIC, kind, n_fds, min(len(raws), 255), length)
         return b"".join([header, meta, *entries, payload, *inline]), shared
 
@@ -265,17 +270,59 @@ class PickleCodec:
 
 
 class _Decoder:
-    """What both decoders keep: bytes of an incomplete message, and fds not yet claimed."""
+    """What both decoders keep: bytes of an incomplete message, and fds not yet claimed.
+
+    fds belong to the message that carried them. The kernel hands over the fds of one
+    ``sendmsg`` with the read that returns that write's first byte, and a sender writes a
+    message's fds with the message's first byte; so a message takes its fds only from the read
+    that brought its first byte. fds that no message can claim any more (the peer sent them
+    with a message that declared none) are closed at once, never queued for a later message.
+    """
 
     def __init__(self, max_frame_size: int) -> None:
         self._max = max_frame_size
         self._buffer = bytearray()
-        self._fds: deque[int] = deque()
+        self._head = 0  # stream offset of the first byte of ``_buffer``
+        self._fed = 0  # stream offset of the next byte fed
+        self._batches: list[tuple[int, int, list[int]]] = []  # (start, end, fds) of reads with fds
+
+    def _arrived(self, size: int, fds: Sequence[int]) -> int:
+        """Account for a read of ``size`` bytes (and its fds); returns its stream offset."""
+        start = self._fed
+        self._fed = start + size
+        if fds:
+            self._batches.append((start, start + size, list(fds)))
+        return start
+
+    def _claim(self, at: int, count: int) -> list[int]:
+        """Up to ``count`` fds for the message whose first byte is at stream offset ``at``.
+
+        Messages claim in stream order: reads that ended before ``at`` are past claiming.
+        """
+        batches = self._batches
+        while batches and batches[0][1] <= at:
+            close_fds(batches.pop(0)[2])
+        if not batches or batches[0][0] > at:
+            return []
+        fds = batches[0][2]
+        taken = fds[:count]
+        del fds[:count]
+        return taken
+
+    def _settle(self, head: int | None) -> None:
+        """Close every fd no message can claim: all but the ones that came with the read holding
+        ``head``, the first byte of the incomplete message (None: there is none)."""
+        keep = []
+        for batch in self._batches:
+            if head is not None and batch[0] <= head < batch[1] and batch[2]:
+                keep.append(batch)
+            else:
+                close_fds(batch[2])
+        self._batches = keep
 
     def close(self) -> None:
         """Close the fds that no message will claim (the channel is done)."""
-        close_fds(list(self._fds))
-        self._fds.clear()
+        self._settle(None)
 
     @property
     def pending(self) -> int:
@@ -292,32 +339,41 @@ class PickleDecoder(_Decoder):
         self._big: bytearray | None = None  # a large frame's own buffer, while it fills
         self._big_fill = 0
 
-    def feed(self, data: bytes | memoryview, fds: list[int] = ()) -> list[Incoming]:  # type: ignore[assignment]
+    def feed(self, data: bytes | memoryview, fds: Sequence[int] = ()) -> list[Incoming]:
         """Add bytes (and the fds that came with them); return every frame now complete."""
-        if fds:
-            self._fds.extend(fds)
+        at = self._arrived(len(data), fds)
         big = self._big
         if big is None:
-            return self._feed(data)
+            return self._feed(data, at)
         # A large frame is being filled in place: no growing buffer, no copy to decode it.
         take = min(len(data), len(big) - self._big_fill)
         big[self._big_fill:self._big_fill + take] = data[:take]
         self._big_fill += take
         if self._big_fill < len(big):
+            if self._batches:
+                self._settle(self._head)
             return []
         self._big = None
-        out, _ = self._frames(memoryview(big), len(big))
-        return out + self._feed(data[take:]) if take < len(data) else out
+        out, _ = self._frames(memoryview(big), len(big), self._head)
+        if take < len(data):
+            return out + self._feed(data[take:], at + take)
+        if self._batches:
+            self._settle(None)
+        return out
 
-    def _feed(self, data: bytes | memoryview) -> list[Incoming]:
+    def _feed(self, data: bytes | memoryview, at: int) -> list[Incoming]:
         buf = self._buffer
         if buf:
             buf += data
             view: bytes | bytearray | memoryview = buf
+            at = self._head
         else:
             view = data
         end = len(view)
-        out, pos = self._frames(view, end)
+        out, pos = self._frames(view, end, at)
+        self._head = at + pos
+        if self._batches:
+            self._settle(self._head if pos < end else None)
         if pos < end and end - pos >= 8:
             size = 8 + HEADER.unpack_from(view, pos)[4]
             if size >= LARGE_FRAME:  # the rest of this frame goes straight into its own buffer
@@ -332,8 +388,9 @@ class PickleDecoder(_Decoder):
             self._buffer = bytearray(view[pos:])
         return out
 
-    def _frames(self, view: bytes | bytearray | memoryview, end: int) -> tuple[list[Incoming], int]:
-        """Decode the complete frames in ``view[:end]``; return them and where the rest starts."""
+    def _frames(self, view: bytes | bytearray | memoryview, end: int, at: int) -> tuple[list[Incoming], int]:
+        """Decode the complete frames in ``view[:end]`` (``view`` starts at stream offset ``at``);
+        return them and where the rest starts."""
         out: list[Incoming] = []
         pos = 0
         unpack = HEADER.unpack_from
@@ -349,7 +406,15 @@ class PickleDecoder(_Decoder):
             stop = pos + 8 + length
             if stop > end:
                 break
-            frame_fds = [self._fds.popleft() for _ in range(min(nfds, len(self._fds)))] if nfds else _NO_FDS
+            frame_fds = _NO_FDS
+            if nfds:
+                frame_fds = self._claim(at + pos, nfds)
+                if len(frame_fds) != nfds:
+                    close_fds(frame_fds)
+                    out.append((None, _NO_FDS, None, False, SerializationError(
+                        f"a message announced {nfds} fds but {len(frame_fds)} came with it")))
+                    pos = stop
+                    continue
             try:
                 if nbuffers:
                     obj, frame_fds = self._load_with_buffers(view[pos + 8:stop], frame_fds)
@@ -365,8 +430,12 @@ class PickleDecoder(_Decoder):
                 if kind == KIND_MESSAGE:
                     out.append((obj, frame_fds, RAW_FD if frame_fds else None, False, None))
                 elif kind == KIND_MESSAGE_WITH_HANDLE:
-                    obj, handle_kind = obj
-                    out.append((obj, frame_fds, handle_kind, False, None))
+                    if type(obj) is tuple and len(obj) == 2 and isinstance(obj[1], str):
+                        out.append((obj[0], frame_fds, obj[1], False, None))
+                    else:  # not what a forkio sender writes: fail this message only
+                        close_fds(frame_fds)
+                        out.append((None, _NO_FDS, None, False,
+                                    SerializationError("a handle message without its (message, kind) pair")))
                 else:
                     out.append((obj, frame_fds, None, True, None))
             pos = stop
@@ -436,15 +505,20 @@ class JsonCodec:
         self.max_frame_size = max_frame_size
         self._dumps = _json_dumps()
 
-    def encode(self, message: Any, handle_kind: str | None = None, *, control: bool = False) -> bytes:
-        """One line; with a handle it is wrapped in Node's ``NODE_HANDLE`` envelope."""
+    def encode(self, message: Any, handle_kind: str | None = None, *, control: bool = False,
+               handle_fields: dict[str, str] | None = None) -> bytes:
+        """One line; with a handle it is wrapped in Node's ``NODE_HANDLE`` envelope (plus ``handle_fields``)."""
         if handle_kind is not None:
-            message = {"cmd": "NODE_HANDLE", "type": handle_kind, "msg": message}
+            message = {"cmd": "NODE_HANDLE", "type": handle_kind, "msg": message, **(handle_fields or {})}
         try:
             text = self._dumps(message)
         except (TypeError, ValueError, RecursionError) as exc:
             raise _unserialisable(exc, message) from exc
-        return text.encode("utf-8", "surrogatepass") + b"\n"
+        line = text.encode("utf-8", "surrogatepass") + b"\n"
+        if len(line) > self.max_frame_size:  # a forkio peer would refuse the line
+            raise SerializationError(f"message line of {len(line)} bytes exceeds max_frame_size={self.max_frame_size}:"
+                                     " nothing was sent")
+        return line
 
     def decoder(self) -> JsonDecoder:
         return JsonDecoder(self.max_frame_size)
@@ -474,52 +548,100 @@ def _json_dumps() -> Callable[[Any], str]:
 
 
 def is_internal(message: Any) -> bool:
-    """Node's rule: an object whose ``cmd`` starts with ``NODE_`` is internal."""
-    return isinstance(message, dict) and isinstance(message.get("cmd"), str) and message["cmd"].startswith("NODE_")
+    """Node's rule: an object whose ``cmd`` is ``NODE_`` followed by at least one character is internal."""
+    if not isinstance(message, dict):
+        return False
+    cmd = message.get("cmd")
+    return isinstance(cmd, str) and len(cmd) > 5 and cmd.startswith("NODE_")
 
 
 class JsonDecoder(_Decoder):
-    """Incremental decoder of newline-delimited JSON."""
+    """Incremental decoder of newline-delimited JSON.
+
+    Linear in the bytes fed: only new bytes are searched for a newline. A line is never held
+    beyond ``max_frame_size``: once it passes the limit it becomes an error item and the rest of
+    it is dropped as it arrives, up to the newline that ends it; the lines after it decode.
+    """
 
     def __init__(self, max_frame_size: int) -> None:
         super().__init__(max_frame_size)
         self._loads = json.JSONDecoder().decode
+        self._skipping = False  # dropping the rest of a line that passed max_frame_size
 
-    def feed(self, data: bytes | memoryview, fds: list[int] = ()) -> list[Incoming]:  # type: ignore[assignment]
+    def feed(self, data: bytes | memoryview, fds: Sequence[int] = ()) -> list[Incoming]:
         """Add bytes (and fds); return every complete line decoded."""
-        if fds:
-            self._fds.extend(fds)
-        buf = self._buffer
-        buf += data
-        last = buf.rfind(b"\n")
-        if last < 0:
-            if len(buf) > self._max:
-                self._buffer = bytearray()
-                raise ProtocolError(f"message line longer than max_frame_size={self._max}")
-            return []
-        lines = bytes(buf[:last]).split(b"\n")
-        del buf[: last + 1]
+        at = self._arrived(len(data), fds)
+        chunk = data if isinstance(data, bytes) else bytes(data)
         out: list[Incoming] = []
-        for line in lines:
-            if not line.strip():
-                continue  # Node never sends blank lines; tolerate them rather than fail
-            if len(line) > self._max:
-                too_long = ProtocolError(f"message line longer than max_frame_size={self._max}")
-                out.append((None, _NO_FDS, None, False, too_long))
-                continue
-            try:
-                obj = self._loads(line.decode("utf-8"))
-            except (ValueError, UnicodeDecodeError) as exc:
-                err = ProtocolError(f"peer sent a line that is not JSON: {bytes(line[:80])!r}")
-                err.__cause__ = exc
-                out.append((None, _NO_FDS, None, False, err))
-                continue
-            if is_internal(obj):
-                fds_for = [self._fds.popleft()] if obj["cmd"] == "NODE_HANDLE" and self._fds else []
-                out.append((obj, fds_for, obj.get("type") if fds_for else None, True, None))
+        if self._skipping:
+            skip = chunk.find(b"\n") + 1
+            if not skip:
+                self._settle(None)
+                return out
+            self._skipping = False
+            chunk = chunk[skip:]
+            at += skip
+        buf = self._buffer
+        last = chunk.rfind(b"\n")
+        if last < 0:
+            if not buf:
+                self._head = at
+            if len(buf) + len(chunk) > self._max:
+                self._too_long(out)
             else:
-                out.append((obj, _NO_FDS, None, False, None))
+                buf += chunk
+            if self._batches:
+                self._settle(self._head if buf else None)
+            return out
+        if buf:
+            line_at = self._head
+            buf += chunk[:last]
+            lines = bytes(buf)
+            self._buffer = bytearray()
+        else:
+            line_at = at
+            lines = chunk[:last]
+        for line in lines.split(b"\n"):
+            self._line(line, line_at, out)
+            line_at += len(line) + 1
+        if last + 1 < len(chunk):
+            self._head = at + last + 1
+            if len(chunk) - last - 1 > self._max:
+                self._too_long(out)
+            else:
+                self._buffer = bytearray(chunk[last + 1:])
+        if self._batches:
+            self._settle(self._head if self._buffer else None)
         return out
+
+    def _too_long(self, out: list[Incoming]) -> None:
+        """The line being received passed the limit: say so now, drop the rest as it comes."""
+        self._buffer = bytearray()
+        self._skipping = True
+        self._refuse_long_line(out)
+
+    def _refuse_long_line(self, out: list[Incoming]) -> None:
+        out.append((None, _NO_FDS, None, False, ProtocolError(f"message line longer than max_frame_size={self._max}")))
+
+    def _line(self, line: bytes, at: int, out: list[Incoming]) -> None:
+        if not line.strip():
+            return  # Node never sends blank lines; tolerate them rather than fail
+        if len(line) > self._max:
+            self._refuse_long_line(out)
+            return
+        try:
+            obj = self._loads(line.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            # RecursionError: nested deeper than the interpreter recurses (a hostile line).
+            err = ProtocolError(f"peer sent a line that is not JSON ({type(exc).__name__}): {line[:80]!r}")
+            err.__cause__ = exc
+            out.append((None, _NO_FDS, None, False, err))
+            return
+        if is_internal(obj):
+            fds_for = self._claim(at, 1) if obj["cmd"] == "NODE_HANDLE" else []
+            out.append((obj, fds_for, obj.get("type") if fds_for else None, True, None))
+        else:
+            out.append((obj, _NO_FDS, None, False, None))
 
 
 Codec = PickleCodec | JsonCodec

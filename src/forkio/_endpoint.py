@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ._channel import Channel
+from ._check import timeout_arg
 from ._errors import ChannelClosed
 from ._events import EventEmitter
 from ._handles import Handle
@@ -26,13 +27,17 @@ class Endpoint(EventEmitter):
 
     _events: tuple[str, ...] = ("message", "disconnect", "error")
 
-    def __init__(self, channel: Channel | None, reason: str = "no channel") -> None:
+    def __init__(self, channel: Channel | None, reason: str = "no channel", *, unusable: bool = False) -> None:
         super().__init__()
         self._channel = channel
         self._reason = reason  # why there is no channel, for the error when there is none
+        self._unusable = unusable  # a channel was given but cannot be used (not just absent)
         self._reader: threading.Thread | None = None
+        self._delivering = False  # the reader is inside a listener (see ``_delivered_all``)
         self._disconnect_lock = threading.Lock()
         self._disconnect_emitted = False
+        if channel is not None:
+            channel.read_in_background()  # only toward a Node peer
 
     @property
     def channel(self) -> Channel:
@@ -62,6 +67,8 @@ class Endpoint(EventEmitter):
         Raises ``WaitTimeout`` after ``timeout`` seconds and ``ChannelClosed`` once the
         channel is closed and every message has been received.
         """
+        if timeout is not None:
+            timeout = timeout_arg(timeout)
         try:
             return self.channel.recv(timeout, with_handle=with_handle)
         except ChannelClosed:
@@ -69,8 +76,15 @@ class Endpoint(EventEmitter):
             raise
 
     def __iter__(self) -> Iterator[Any]:
-        """Every incoming message, in order, until the channel closes."""
+        """Every incoming message, in order, until the channel closes.
+
+        Without a channel at all there is nothing to iterate over; a channel that could not be
+        opened (Node's 'advanced' serialization, a bad fd) raises ``ChannelClosed`` saying why, as
+        ``recv()`` does.
+        """
         if self._channel is None:
+            if self._unusable:
+                raise ChannelClosed(self._reason)
             return
         inbox, pop = self._channel._inbox, self._channel.pop
         while True:
@@ -113,12 +127,46 @@ class Endpoint(EventEmitter):
             except ChannelClosed:
                 return
             except Exception as exc:  # a message that failed to decode: report, keep reading
+                self._delivering = True
                 if not self.emit("error", exc):
                     import traceback
 
                     traceback.print_exception(exc)
+                self._delivering = False
                 continue
+            self._delivering = True
             self._deliver(message, handle)
+            self._delivering = False
+
+    def _delivered_all(self, reader: threading.Thread) -> None:
+        """Wait until the reader thread has delivered every message the peer sent before it exited.
+
+        The reader ends at the channel's EOF, which follows the peer's exit unless another process
+        (one it forked) still holds its end. Then the peer's last messages are in our socket
+        already: they are all delivered once the socket and the inbox stay empty and the reader
+        stays outside the listeners for a while (sampled, so that a thread switch between taking
+        a message and calling its listener cannot pass for idleness).
+        """
+        import select
+        import time
+
+        channel = self._channel
+        poller = select.poll()
+        if channel is not None:
+            poller.register(channel.fd, select.POLLIN)
+        idle_since: float | None = None
+        while True:
+            reader.join(0.05)
+            if not reader.is_alive() or channel is None:
+                return
+            if self._delivering or channel._inbox or poller.poll(0):
+                idle_since = None
+                continue
+            now = time.monotonic()
+            if idle_since is None:
+                idle_since = now
+            elif now - idle_since >= 0.25:
+                return
 
     def _deliver(self, message: Any, handle: Handle | None) -> None:
         with self._listeners_lock:

@@ -12,9 +12,11 @@ always exec'd.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -22,6 +24,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
+
+from ._check import env_arg, str_arg
 
 NODE_SUFFIXES = (".js", ".mjs", ".cjs")
 STDIO_MODES = ("inherit", "pipe", "ignore")
@@ -77,8 +81,9 @@ def is_node_target(script: str | None, executable: str | None) -> bool:
     return script is not None and script.endswith(NODE_SUFFIXES)
 
 
-def build_spec(script: str | None, args: Sequence[str], *, module: str | None, cwd: str | None,
-               env: dict[str, str] | None, executable: str | None, exec_args: Sequence[str],
+def build_spec(script: str | os.PathLike[str] | None, args: Sequence[str], *, module: str | None,
+               cwd: str | os.PathLike[str] | None, env: dict[str, str] | None, executable: str | None,
+               exec_args: Sequence[str],
                stdio: str, serialization: str | None, detached: bool, start: str = "exec",
                preload: Sequence[str] | None = None) -> LaunchSpec:
     """Validate ``fork()``'s options and turn them into a ``LaunchSpec``."""
@@ -86,11 +91,19 @@ def build_spec(script: str | None, args: Sequence[str], *, module: str | None, c
         raise ValueError(f"start must be one of {START_METHODS}, not {start!r}")
     if (script is None) == (module is None):
         raise TypeError("fork() needs exactly one of script or module=")
+    if module is not None and not isinstance(module, str):
+        raise TypeError(f"module must be a module name (str), not {type(module).__name__}")
+    script = None if script is None else str_arg(script, "script")
+    cwd = None if cwd is None else str_arg(cwd, "cwd")
+    executable = None if executable is None else str_arg(executable, "executable")
+    if isinstance(exec_args, (str, bytes)):
+        raise TypeError("exec_args must be a sequence of strings, not a string")
+    exec_args = [str_arg(a, f"exec_args[{i}]") for i, a in enumerate(exec_args)]
     if stdio not in STDIO_MODES:
         raise ValueError(f"stdio must be one of {STDIO_MODES}, not {stdio!r}")
-    if isinstance(args, str):
+    if isinstance(args, (str, bytes)):
         raise TypeError("args must be a sequence of strings, not a string")
-    args = [os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args]
+    args = [str_arg(a, f"args[{i}]") for i, a in enumerate(args)]
     node = is_node_target(script, executable)
     if node:
         if module is not None:
@@ -98,11 +111,12 @@ def build_spec(script: str | None, args: Sequence[str], *, module: str | None, c
         if serialization not in (None, "json"):
             raise ValueError("a Node child speaks serialization='json' only")
         serialization = "json"
-        argv = [executable or "node", *exec_args, os.fspath(script), *args]  # type: ignore[arg-type]
+        assert script is not None
+        argv = [executable or "node", *exec_args, script, *args]
     else:
         serialization = serialization or "pickle"
         if script is not None:
-            target = ["script", os.path.abspath(os.path.join(cwd or "", os.fspath(script)))]
+            target = ["script", os.path.abspath(os.path.join(cwd or "", script))]
         else:
             target = ["module", str(module)]
         argv = [executable or sys.executable, *exec_args, "-c", BOOTSTRAP, *target, *args]
@@ -114,7 +128,9 @@ def build_spec(script: str | None, args: Sequence[str], *, module: str | None, c
             raise ValueError(f"start='zygote' is not possible: {why_not}")
     if serialization not in ("pickle", "json"):
         raise ValueError(f"serialization must be 'pickle' or 'json', not {serialization!r}")
-    child_env = _environ() if env is None else dict(env)
+    if script is not None:  # after the options: a bad one is named before a missing file
+        _check_script(os.path.join(cwd or "", script), python=not node)
+    child_env = _environ() if env is None else env_arg(env)
     child_env["NODE_CHANNEL_SERIALIZATION_MODE"] = serialization
     if not node and not detached and sys.platform.startswith("linux"):
         child_env["FORKIO_PARENT_PID"] = str(os.getpid())
@@ -128,6 +144,19 @@ def build_spec(script: str | None, args: Sequence[str], *, module: str | None, c
     return LaunchSpec(argv, child_env, cwd, stdio, detached, serialization, node, label, start="zygote",
                       strict=start == "zygote", preload=_normalise(preload),
                       target=(target[0], target[1], tuple(args)))
+
+
+def _check_script(path: str, *, python: bool) -> None:
+    """Raise here what running ``path`` would fail on first in the child: a missing file
+    (``FileNotFoundError``), a directory (``IsADirectoryError``; Python runs one only for its
+    ``__main__.py``), a file we may not read (``PermissionError``)."""
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        if python and not any(os.path.exists(os.path.join(path, name)) for name in ("__main__.py", "__main__.pyc")):
+            raise IsADirectoryError(errno.EISDIR, "is a directory (with no __main__.py to run)", path)
+    elif stat.S_ISREG(st.st_mode):
+        # Opening it, as the child will: access() would judge by the real ids and no capabilities.
+        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
 
 
 _environ_cache: tuple[dict[bytes, bytes], dict[str, str]] | None = None

@@ -5,14 +5,23 @@ tiny functions are not drowned in per-task overhead while slow ones still spread
 worker. Input is read lazily with a bounded number of chunks in flight. A chunk that fails as
 a whole (its worker crashed or it timed out) is split and its items retried one by one, so
 only the item at fault fails.
+
+An input that is not a sequence (a generator, a file, a pipe) is read by a thread of its own,
+so that what was already read is dispatched, and its results delivered, while the input waits
+for more. An input that raises is treated as ended there: every item read before the error
+runs and its result is delivered, then the input's error is raised.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
+import operator
 import queue
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sized
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -53,31 +62,30 @@ def run_chunk(fn: Callable[..., Any], items: list[Any], star: bool) -> tuple[lis
     """In a worker: run ``fn`` on each item; each item's exception is caught on its own.
 
     Returns the values (None where an item failed), the failures by position, and the time taken.
+    An item that raises ``SystemExit`` or ``KeyboardInterrupt`` fails alone, as it would as a
+    task of its own; each item runs exactly once.
     """
     from ._pool_worker import encode_error
 
     started = time.perf_counter()
     errors: dict[int, bytes] = {}
-    if star:
-        values = []
-        for pos, item in enumerate(items):
-            try:
-                values.append(fn(*item))
-            except Exception as exc:
-                values.append(None)
-                errors[pos] = encode_error(exc)
-    else:
+    values: list[Any] = []
+    append = values.append
+    remaining = iter(items)
+    while True:
+        # The loops resume after a failed item: a failure costs one exception, not a rerun.
         try:
-            values = [fn(item) for item in items]  # the fast path: nothing fails
-        except Exception:
-            values = []
-            for pos, item in enumerate(items):
-                try:
-                    values.append(fn(item))
-                except Exception as exc:
-                    values.append(None)
-                    errors[pos] = encode_error(exc)
-    return values, errors, time.perf_counter() - started
+            if star:
+                for item in remaining:
+                    append(fn(*item))
+            else:
+                for item in remaining:
+                    append(fn(item))
+        except BaseException as exc:
+            errors[len(values)] = encode_error(exc)
+            append(None)
+            continue
+        return values, errors, time.perf_counter() - started
 
 
 class _Chunk:
@@ -93,36 +101,142 @@ class _Chunk:
         self.errors: dict[int, BaseException] = {}
         self.missing = len(items)
 
+    # Both hand-outs pop what they yield, so that nothing here keeps a result the consumer has
+    # dropped alive (CPython bpo-14406): a generator suspended at ``yield x`` would hold ``x``.
     def results(self) -> Iterator[TaskResult]:
-        errors = self.errors
-        for pos, (item, value) in enumerate(zip(self.items, self.values, strict=True)):
-            yield TaskResult(self.start + pos, item, value, errors.get(pos))
+        items, values, errors = self.items, self.values, self.errors
+        items.reverse()
+        values.reverse()
+        for pos in range(len(values)):
+            yield TaskResult(self.start + pos, items.pop(), values.pop(), errors.pop(pos, None))
 
-    def raise_or_values(self) -> list[Any]:
-        """The values, raising the first item's error instead if there is one."""
-        if self.errors:
-            raise self.errors[min(self.errors)]
-        return self.values
+    def values_or_raise(self) -> Iterator[Any]:
+        """The values in order; an item's error is raised when its turn comes."""
+        values, errors = self.values, self.errors
+        values.reverse()
+        for pos in range(len(values)):
+            if pos in errors:
+                raise errors[pos]
+            yield values.pop()
+
+
+class _Sequence:
+    """Inputs that know their length (lists, ranges...): read where the chunks are cut."""
+
+    def __init__(self, iterable: Iterable[Any]) -> None:
+        self._items = iter(iterable)
+        self.exhausted = False
+        self.error: BaseException | None = None
+
+    def take(self, n: int, partial: bool) -> list[Any]:
+        items: list[Any] = []
+        try:
+            items.extend(itertools.islice(self._items, n))  # keeps what was read before an error
+        except Exception as exc:  # an input that fails midway ends there (see the module docstring)
+            self.error = exc
+        if len(items) < n:
+            self.exhausted = True
+        return items
+
+    def close(self) -> None:
+        pass
+
+
+class _ReadAhead:
+    """Any other input (generators, files, pipes): read by a thread, a bounded distance ahead.
+
+    ``wake`` is called (from the reading thread) once items the consumer waits for have
+    arrived, and when the input ends.
+    """
+
+    def __init__(self, iterable: Iterable[Any], wake: Callable[[], None]) -> None:
+        self._buffer: deque[Any] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self.limit = 1  # read ahead until the buffer holds this many
+        self._want = 0  # the consumer waits until the buffer holds this many (0: not waiting)
+        self._ended = False
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._wake = wake
+        threading.Thread(target=self._read, args=(iter(iterable),), name="forkio-stream-input",
+                         daemon=True).start()
+
+    def _read(self, items: Iterator[Any]) -> None:
+        buffer, cond = self._buffer, self._cond
+        try:
+            while True:
+                with cond:
+                    while len(buffer) >= self.limit and not self._stopped:
+                        cond.wait()
+                    if self._stopped:
+                        return
+                item = next(items, _END)
+                if item is _END:
+                    break
+                with cond:
+                    buffer.append(item)
+                    wake = 0 < self._want <= len(buffer)
+                    if wake:
+                        self._want = 0
+                del item
+                if wake:
+                    self._wake()
+        except BaseException as exc:  # raised to the consumer once the items before it are done
+            self.error = exc
+        with cond:
+            self._ended = True
+            stopped = self._stopped
+        if not stopped:
+            self._wake()
+
+    @property
+    def exhausted(self) -> bool:
+        return self._ended and not self._buffer
+
+    def take(self, n: int, partial: bool) -> list[Any]:
+        """Up to ``n`` items: ``n`` if read already; fewer with ``partial`` or at the end; else none."""
+        with self._cond:
+            buffer = self._buffer
+            if len(buffer) >= n or (buffer and (partial or self._ended)):
+                items = [buffer.popleft() for _ in range(min(n, len(buffer)))]
+                self._cond.notify()
+                return items
+            if not self._ended:
+                self._want = 1 if partial else n
+                self._cond.notify()
+            return []
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._buffer.clear()
+            self._cond.notify()
+
+
+_END: Any = object()
 
 
 class _Stream:
-    """What the sync and asyncio streams share: chunking, splitting, ordering. No waiting."""
+    """What the sync and asyncio streams share: chunking, splitting, ordering. No waiting.
+
+    ``notify`` receives each finished task's future, and None when more input has been read.
+    """
 
     def __init__(self, options: TaskOptions, fn: Callable[..., Any], iterable: Iterable[Any], *,
-                 star: bool, ordered: bool, chunksize: int | None) -> None:
+                 star: bool, ordered: bool, chunksize: int | None, notify: Callable[[Future[Any] | None], None],
+                 total: int | None = None) -> None:
         self.options = options
         self.fn = fn
         self.star = star
         self.ordered = ordered
-        self.fixed_chunk = chunksize
-        if chunksize is not None and chunksize < 1:
-            raise ValueError("chunksize must be at least 1")
+        self.fixed_chunk = None if chunksize is None else check_count("chunksize", chunksize, 1)
         if options.timeout is not None:
             self.fixed_chunk = 1  # a per-item timeout needs one item per task
-        self.total = _length(iterable)
-        self.items = iter(iterable)
+        self.total = _length(iterable) if total is None else total
+        self.on_done: Callable[[Future[Any]], None] = notify
+        self.input: _Sequence | _ReadAhead = (
+            _Sequence(iterable) if self.total is not None else _ReadAhead(iterable, lambda: _quietly(notify, None)))
         self.taken = 0  # inputs read so far
-        self.exhausted = False
         # Each future is a whole chunk (position None) or one item of a chunk being retried alone.
         self.in_flight: dict[Future[Any], tuple[_Chunk, int | None]] = {}
         self.per_item: float | None = None
@@ -130,7 +244,6 @@ class _Stream:
         self.chunks = 0
         self.ready: dict[int, _Chunk] = {}
         self.next_seq = 0
-        self.on_done: Callable[[Future[Any]], None] = lambda future: None
 
     def _chunk_size(self) -> int:
         if self.fixed_chunk is not None:
@@ -142,13 +255,18 @@ class _Stream:
             size = min(size, max(1, self.total // (self.options.pool.workers * 4)))
         return max(1, min(size, MAX_CHUNK))
 
-    def fill(self, on_done: Callable[[Future[Any]], None]) -> None:
-        """Submit chunks until the window is full or the input runs out."""
-        self.on_done = on_done
-        while len(self.in_flight) < self.window and not self.exhausted:
-            items = list(itertools.islice(self.items, self._chunk_size()))
+    def fill(self) -> None:
+        """Submit chunks until the window is full or no more input is ready."""
+        source = self.input
+        workers = self.options.pool.workers
+        while len(self.in_flight) < self.window:
+            size = self._chunk_size()
+            if isinstance(source, _ReadAhead):
+                source.limit = size * self.window
+            # A short chunk goes out only while a worker would otherwise idle: a slow input
+            # must not hold back what has been read, a fast one still fills whole chunks.
+            items = source.take(size, partial=len(self.in_flight) < workers)
             if not items:
-                self.exhausted = True
                 return
             chunk = _Chunk(self.chunks, self.taken, items)
             self.chunks += 1
@@ -160,9 +278,15 @@ class _Stream:
         self.in_flight[future] = (chunk, pos)
         future.add_done_callback(self.on_done)
 
-    @property
     def finished(self) -> bool:
-        return self.exhausted and not self.in_flight
+        """Every input was read and every result handed out: raise the input's error, if any."""
+        if not (self.input.exhausted and not self.in_flight):
+            return False
+        error = self.input.error
+        if error is not None:
+            self.input.error = None
+            raise error
+        return True
 
     def complete(self, future: Future[Any]) -> list[_Chunk]:
         """A task finished: the chunks now complete, in the order they may be handed out."""
@@ -208,8 +332,16 @@ class _Stream:
         return released
 
     def cancel(self) -> None:
+        self.input.close()
         for future in list(self.in_flight):
             future.cancel()
+
+
+def _quietly(notify: Callable[[Future[Any] | None], None], item: None) -> None:
+    try:
+        notify(item)
+    except RuntimeError:  # an asyncio stream whose loop has closed: nobody is waiting any more
+        pass
 
 
 class TaskOptions:
@@ -217,13 +349,11 @@ class TaskOptions:
 
     def __init__(self, pool: Pool, timeout: float | None, retries: int,
                  on_message: Callable[[Any], None] | None) -> None:
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive")
-        if retries < 0:
-            raise ValueError("retries must be >= 0")
         self.pool = pool
-        self.timeout = timeout
-        self.retries = retries
+        self.timeout = check_timeout("timeout", timeout)
+        self.retries = check_count("retries", retries, 0)
+        if on_message is not None and not callable(on_message):
+            raise TypeError(f"on_message must be callable, not {type(on_message).__name__}")
         self.on_message = on_message
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
@@ -241,74 +371,104 @@ class TaskOptions:
     def stream(self, fn: Callable[..., Any], iterable: Iterable[Any], *, ordered: bool = False,
                chunksize: int | None = None, progress: bool = False, star: bool = False,
                deadline: float | None = None) -> Iterator[TaskResult]:
-        """One ``TaskResult`` per input, lazily; errors are returned, not raised.
+        """One ``TaskResult`` per input, lazily; the items' errors are returned, not raised.
 
-        ``deadline`` (a ``time.monotonic()`` value) bounds the whole iteration: past it,
-        ``WaitTimeout`` is raised and the tasks still in flight are cancelled.
+        If the input itself raises, the results of every item read before that are yielded
+        first, then the input's error is raised. ``deadline`` (a ``time.monotonic()`` value)
+        bounds the whole iteration: past it, ``WaitTimeout`` is raised and the tasks still in
+        flight are cancelled.
         """
-        bar = ProgressBar(_length(iterable)) if progress else None
+        return self._stream(fn, iterable, ordered=ordered, chunksize=chunksize, progress=progress, star=star,
+                            deadline=deadline, total=_length(iterable))
+
+    def _stream(self, fn: Callable[..., Any], iterable: Iterable[Any], *, ordered: bool, chunksize: int | None,
+                progress: bool, star: bool, deadline: float | None, total: int | None) -> Iterator[TaskResult]:
+        bar = ProgressBar(total) if progress else None
+
+        def counted(result: TaskResult) -> TaskResult:
+            bar.update(1, failed=not result.ok)  # type: ignore[union-attr]
+            return result
+
         try:
             for chunk in self._chunks(fn, iterable, ordered=ordered, chunksize=chunksize, star=star,
-                                      deadline=deadline):
-                for result in chunk.results():
-                    if bar is not None:
-                        bar.update(1, failed=not result.ok)
-                    yield result
+                                      deadline=deadline, total=total):
+                # map(), not a loop variable: this frame must not hold the result it yielded.
+                yield from (chunk.results() if bar is None else map(counted, chunk.results()))
         finally:
             if bar is not None:
                 bar.close()
 
     def _chunks(self, fn: Callable[..., Any], iterable: Iterable[Any], *, ordered: bool, chunksize: int | None,
-                star: bool, deadline: float | None) -> Iterator[_Chunk]:
-        state = _Stream(self, fn, iterable, star=star, ordered=ordered, chunksize=chunksize)
-        done: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
+                star: bool, deadline: float | None, total: int | None = None) -> Iterator[_Chunk]:
+        done: queue.SimpleQueue[Future[Any] | None] = queue.SimpleQueue()
+        state = _Stream(self, fn, iterable, star=star, ordered=ordered, chunksize=chunksize, notify=done.put,
+                        total=total)
         try:
             while True:
-                state.fill(done.put)
-                if state.finished:
+                state.fill()
+                if state.finished():
                     return
                 try:
                     finished = done.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     raise WaitTimeout("results not ready before the deadline") from None
-                yield from state.complete(finished)
+                if finished is None:
+                    continue  # more input was read
+                chunks = state.complete(finished)
+                del finished  # its result holds the values being handed out
+                yield from chunks
         finally:
             state.cancel()
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int | None = None, progress: bool = False) -> Iterator[Any]:
-        """Results in input order; raises the first failed item's error when it is reached."""
+        """Results in input order; raises the first failed item's error when it is reached.
+
+        If an input raises, the results of the items read before that come first, then its error.
+        """
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        timeout = check_timeout("timeout", timeout, positive=False)  # 0 or less: only what is ready
         deadline = None if timeout is None else time.monotonic() + timeout
         star = len(iterables) > 1
         inputs = zip(*iterables, strict=False) if star else iterables[0]
+        lengths = [_length(iterable) for iterable in iterables]
+        total = None if None in lengths else min(lengths)  # type: ignore[type-var]
         if progress:
-            return (r.result() for r in self.stream(fn, inputs, ordered=True, chunksize=chunksize, progress=True,
-                                                    star=star, deadline=deadline))
-        return _values(self._chunks(fn, inputs, ordered=True, chunksize=chunksize, star=star, deadline=deadline))
+            return map(TaskResult.result, self._stream(fn, inputs, ordered=True, chunksize=chunksize, progress=True,
+                                                       star=star, deadline=deadline, total=total))
+        return _values(self._chunks(fn, inputs, ordered=True, chunksize=chunksize, star=star, deadline=deadline,
+                                    total=total))
 
     def imap_unordered(self, fn: Callable[..., Any], iterable: Iterable[Any], *,
                        chunksize: int | None = None, progress: bool = False) -> Iterator[Any]:
         """Results as they complete; raises at the first failed item."""
-        return (r.result() for r in self.stream(fn, iterable, chunksize=chunksize, progress=progress))
+        return map(TaskResult.result, self.stream(fn, iterable, chunksize=chunksize, progress=progress))
 
     async def astream(self, fn: Callable[..., Any], iterable: Iterable[Any], *, ordered: bool = False,
                       chunksize: int | None = None) -> AsyncIterator[TaskResult]:
         """asyncio ``stream``: ``async for result in pool.astream(fn, items)``."""
-        state = _Stream(self, fn, iterable, star=False, ordered=ordered, chunksize=chunksize)
         loop = asyncio.get_running_loop()
-        done: asyncio.Queue[Future[Any]] = asyncio.Queue()
+        done: asyncio.Queue[Future[Any] | None] = asyncio.Queue()
 
-        def on_done(future: Future[Any]) -> None:
+        def notify(future: Future[Any] | None) -> None:
             loop.call_soon_threadsafe(done.put_nowait, future)
 
+        state = _Stream(self, fn, iterable, star=False, ordered=ordered, chunksize=chunksize, notify=notify)
         try:
             while True:
-                state.fill(on_done)
-                if state.finished:
+                state.fill()
+                if state.finished():
                     return
-                for chunk in state.complete(await done.get()):
+                finished = await done.get()
+                if finished is None:
+                    continue
+                chunks = state.complete(finished)
+                del finished
+                for chunk in chunks:
                     for result in chunk.results():
                         yield result
+                        del result
         finally:
             state.cancel()
 
@@ -317,7 +477,7 @@ def _values(chunks: Iterator[_Chunk]) -> Iterator[Any]:
     """Whole chunks' values in order (no per-item objects); closing it cancels what is in flight."""
     try:
         for chunk in chunks:
-            yield from chunk.raise_or_values()
+            yield from chunk.values_or_raise()
     finally:
         chunks.close()  # type: ignore[attr-defined]
 
@@ -325,3 +485,31 @@ def _values(chunks: Iterator[_Chunk]) -> Iterator[Any]:
 def _length(iterable: Iterable[Any]) -> int | None:
     """How many inputs there are, when the input knows (for chunk sizes and the progress bar)."""
     return len(iterable) if isinstance(iterable, Sized) else None
+
+
+def check_count(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int of at least ``minimum``; a clear TypeError/ValueError otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, not {number}")
+    return number
+
+
+def check_timeout(name: str, value: Any, *, positive: bool = True) -> float | None:
+    """A number of seconds, positive unless told otherwise, or None for no limit (``inf`` too)."""
+    if value is None:
+        return None
+    if isinstance(value, bool | str | bytes):  # float() would take "2", and True is 1
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
+    try:
+        seconds = float(value)  # ints, Decimal, numpy floats...
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}") from None
+    if math.isnan(seconds) or (positive and seconds <= 0):
+        raise ValueError(f"{name} must be a positive number of seconds (or None for no limit), not {value!r}")
+    return None if math.isinf(seconds) and seconds > 0 else seconds

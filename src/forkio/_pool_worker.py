@@ -2,19 +2,24 @@
 
 Protocol (pickle frames over the worker's forkio channel):
 
-    pool -> worker   ("init", sys_path, main_path, report_rss, (initializer, initargs) pickled)
-                     first, with the fd of an 8-byte shared counter of tasks started
+    pool -> worker   ("init", sys_path, main_path, report_rss, (initializer, initargs) pickled, mp authkey)
+                     first, with the fd of an 8-byte shared counter of tasks started, then the
+                     fds of multiprocessing objects in initargs (see ``dumps_for_workers``)
                      ("tasks", [(task_id, payload[, buffers]), ...]) payload = pickled (fn, args[, kwargs]);
                                                                      big buffers apart (shared memory)
                      ("cancel", task_id)                             skip it if it has not started
     worker -> pool   ("ready", pid) | ("init-failed", error)
                      ("results", [(task_id, status, payload, seconds, big buffers or None), ...],
-                      rss_or_None)
-                     ("message", task_id, message)                   from progress() / report()
+                      rss_or_None)                                   status OK, RAISED or SKIPPED
+                     ("message", task_id, message pickled)           from progress() / report()
 
 Tasks run one at a time, in the order received, so the pool always knows which task a dead
-worker was running: the first one it sent and has not seen a result for. Results are sent
-when the local queue runs dry, or every few milliseconds while it does not.
+worker was running (it also counts the tasks it starts in shared memory). Results are sent
+when the local queue runs dry, every few milliseconds while it does not, and, by a helper
+thread, a few milliseconds into a task that runs longer: a finished result never waits for the
+next task to end. A result with big buffers (shared memory) goes at once, in a frame of its own,
+so that a frame the pool cannot take in (no fd left for its segment) fails that one task only.
+A task cancelled before it started is skipped and reported as such.
 """
 
 from __future__ import annotations
@@ -24,17 +29,23 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
-from ._errors import ChannelClosed
+from ._codec import DEFAULT_MAX_FRAME
+from ._errors import ChannelClosed, SerializationError
 from ._parent import parent
 
-OK, RAISED = 0, 1
+OK, RAISED, SKIPPED = 0, 1, 2
 FLUSH_EVERY = 0.005  # seconds: how long results may wait while more tasks are queued
 CHECK_CANCELS_EVERY = 0.0002
+# Room in a frame for what wraps a task or a result (ids, tuple, header): a payload bigger than
+# the frame limit less this cannot travel, and fails with SerializationError at the sender.
+FRAME_SLACK = 4096
+MAX_PAYLOAD = DEFAULT_MAX_FRAME - FRAME_SLACK
 
 _current_task: int | None = None
 
@@ -70,20 +81,133 @@ def dumps(obj: Any, big_buffers: list[pickle.PickleBuffer] | None = None) -> byt
         return bytes(cloudpickle.dumps(obj, 5, buffer_callback=callback))
 
 
+class _Handover:
+    """Stands in for multiprocessing's spawning ``Popen`` while the initializer's arguments are
+    pickled for the workers: a ``multiprocessing`` queue, pipe or connection in them then pickles
+    (as it does for ``ProcessPoolExecutor``), its fds to travel with each worker's init message."""
+
+    def __init__(self, dup: bool = True) -> None:
+        self.fds: list[int] = []
+        self.dup = dup  # False: a dry run, nothing to keep
+
+    def duplicate_for_child(self, fd: int) -> int:
+        # Our own copy: the caller may close the queue while a worker is still to be started.
+        self.fds.append(os.dup(fd) if self.dup else fd)
+        return len(self.fds) - 1
+
+    class DupFd:
+        """In the worker: the fd that came with the init message at this position."""
+
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        def detach(self) -> int:
+            return os.dup(_inherited_fds[self.index])
+
+
+_inherited_fds: list[int] = []
+
+
+def dumps_for_workers(obj: Any) -> tuple[bytes, list[int]]:
+    """Pickle what every worker gets at start (the initializer and its arguments): ``dumps``, with
+    ``multiprocessing`` objects allowed. Returns the pickle and the fds to send with it (ours to close)."""
+    context = sys.modules.get("multiprocessing.context")
+    if context is None:  # no multiprocessing object can be in it
+        return dumps(obj), []
+    handover = _Handover()
+    context.set_spawning_popen(handover)
+    try:
+        _refuse_fork_context_locks(obj)
+        return _forking_dumps(obj), handover.fds
+    except BaseException:
+        for fd in handover.fds:
+            os.close(fd)
+        raise
+    finally:
+        context.set_spawning_popen(None)
+
+
+def _forking_dumps(obj: Any) -> bytes:
+    """``dumps`` with multiprocessing's reducers (its connections pickle by fd only through them)."""
+    import io
+    from collections import ChainMap
+    from multiprocessing.reduction import ForkingPickler
+
+    buffer = io.BytesIO()
+    try:
+        ForkingPickler(buffer, 5).dump(obj)
+        return buffer.getvalue()
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        try:
+            import cloudpickle
+        except ImportError:
+            raise exc from None
+
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+        dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(ForkingPickler._extra_reducers,  # type: ignore[attr-defined]
+                                                                cloudpickle.Pickler.dispatch_table)
+
+    buffer = io.BytesIO()
+    Pickler(buffer, 5).dump(obj)
+    return buffer.getvalue()
+
+
+def _refuse_fork_context_locks(obj: Any) -> None:
+    """A multiprocessing lock, queue or event made in the "fork" context (the default on Linux
+    before Python 3.14) lives in memory only processes forked from this one share, and a worker
+    starts fresh: refuse it here, naming what works, rather than let a worker use a dangling lock."""
+    synchronize = sys.modules.get("multiprocessing.synchronize")
+    if synchronize is None:
+        return
+    semlock_type = synchronize.SemLock
+    from ._errors import SerializationError
+
+    class Checker(pickle.Pickler):
+        def reducer_override(self, value: Any) -> Any:
+            if isinstance(value, semlock_type) and getattr(value._semlock, "name", True) is None:
+                raise SerializationError(
+                    f"a multiprocessing {type(value).__name__} (or a Queue, Event... built on one) made in the "
+                    "'fork' context cannot reach the pool's workers: they start fresh, not forked from this "
+                    "process. Make it with multiprocessing.get_context('spawn') (e.g. "
+                    "get_context('spawn').Queue()), or use a multiprocessing.Manager().Queue() proxy")
+            return NotImplemented
+
+    import io
+
+    context = sys.modules["multiprocessing.context"]
+    spawning = context.get_spawning_popen()
+    context.set_spawning_popen(_Handover(dup=False))
+    try:
+        # Part by part: a lambda initializer (for cloudpickle) must not hide a lock in initargs.
+        for part in obj if isinstance(obj, tuple) else (obj,):
+            try:
+                Checker(io.BytesIO(), 5).dump(part)
+            except SerializationError:
+                raise
+            except Exception:  # anything else is for the real pickling to report
+                pass
+    finally:
+        context.set_spawning_popen(spawning)
+
+
 _main_path: str | None = None
+_main_loaded = False
 
 
 def loads(payload: bytes, buffers: list[Any] | None = None) -> Any:
     """Unpickle a task. Functions from the caller's ``__main__`` are found by loading its main
     script here under the name ``__mp_main__`` (as multiprocessing does), on first need."""
+    global _main_loaded
     try:
         return pickle.loads(payload, buffers=buffers)
     except AttributeError:
-        if _main_path is None or "__mp_main__" in sys.modules:
+        # (Not "is __mp_main__ in sys.modules": importing multiprocessing puts our own __main__ there.)
+        if _main_path is None or _main_loaded:
             raise
     import runpy
     import types
 
+    _main_loaded = True
     module = types.ModuleType("__mp_main__")
     sys.modules["__mp_main__"] = module
     module.__dict__.update(runpy.run_path(_main_path, run_name="__mp_main__"))
@@ -115,8 +239,13 @@ def report(message: Any) -> None:
     """
     if _current_task is None or not parent.connected:
         return
-    _worker.flush()
-    parent.send(("message", _current_task, message))
+    try:  # pickled apart, as results are: the pool unpickles it where the callback runs
+        payload = dumps(message)
+    except Exception as exc:
+        raise SerializationError(f"cannot send this message to the caller: {exc!r}") from exc
+    with _worker.lock:  # after the results that finished before it, never between two frames
+        _worker._flush()
+        parent.send(("message", _current_task, payload))
 
 
 def rss_of(pid: int | str = "self") -> int | None:
@@ -128,20 +257,65 @@ def rss_of(pid: int | str = "self") -> int | None:
         return None
 
 
+def result_error(exc: BaseException | None, size: int | None = None) -> bytes:
+    """A task's result that cannot travel back, as an encoded ``SerializationError``."""
+    if size is not None:
+        why = (f"the task's result pickles to {size} bytes, over the channel's frame limit of "
+               f"{MAX_PAYLOAD} bytes (large arrays and protocol-5 buffers travel apart, through shared memory)")
+    else:
+        why = f"cannot send the task's result back to the caller: {type(exc).__name__}: {exc}"
+    return encode_error(SerializationError(why))
+
+
 class _Worker:
     def __init__(self) -> None:
-        self.results: list[tuple[int, int, bytes, float, list[pickle.PickleBuffer] | None]] = []
+        # Appended here without a lock (deque appends are atomic); taken off only under ``lock``,
+        # by this thread between tasks or by the flusher during a long one: frames keep the
+        # results' order, and no result is lost between the two.
+        self.results: deque[tuple[int, int, bytes, float, list[pickle.PickleBuffer] | None]] = deque()
         self.report_rss = False
         self.cancelled: set[int] = set()
         self.started = memoryview(bytearray(8)).cast("Q")  # replaced by the pool's shared counter
         self.last_flush = time.perf_counter()
+        self.lock = threading.Lock()
+        self.busy = threading.Event()  # set while a task runs with results waiting to go
 
     def flush(self) -> None:
-        if self.results:
+        with self.lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        results = self.results
+        if results:
             rss = rss_of() if self.report_rss else None
-            parent.send(("results", self.results, rss))
-            self.results = []
+            while results:
+                # A result with big buffers (a shared segment) travels alone; the others go
+                # together, in frames well under the frame limit.
+                batch = [results.popleft()]
+                if batch[0][4] is None:
+                    size = len(batch[0][2])
+                    while results and results[0][4] is None and size + len(results[0][2]) <= MAX_PAYLOAD // 2:
+                        entry = results.popleft()
+                        batch.append(entry)
+                        size += len(entry[2])
+                parent.send(("results", batch, rss))
         self.last_flush = time.perf_counter()
+
+    def flusher(self) -> None:
+        """Send the results that wait while a task runs long: they are ready, the caller waits."""
+        busy = self.busy
+        while True:
+            busy.wait()
+            time.sleep(FLUSH_EVERY)
+            if self.results and time.perf_counter() - self.last_flush >= FLUSH_EVERY:
+                try:
+                    self.flush()
+                except (ChannelClosed, OSError):
+                    return  # the pool let us go: the main thread finds out on its own
+            if not self.results:
+                busy.clear()
+                if self.results:  # appended meanwhile: the main thread may have seen "busy" still set
+                    busy.set()
 
     def handle(self, message: tuple[Any, ...], queue: deque[tuple[Any, ...]]) -> bool:
         kind = message[0]
@@ -159,6 +333,7 @@ class _Worker:
         queue: deque[tuple[Any, ...]] = deque()  # (task_id, payload[, big buffers])
         last_check = time.perf_counter()
         perf = time.perf_counter
+        busy = self.busy
         while True:
             if not queue:
                 self.flush()
@@ -181,23 +356,34 @@ class _Worker:
             self.started[0] += 1  # seen by the pool even if we die in this task (see _pool_sched)
             if task_id in self.cancelled:
                 self.cancelled.discard(task_id)
+                self.results.append((task_id, SKIPPED, b"", 0.0, None))
                 continue
+            if self.results and not busy.is_set():
+                busy.set()  # this task may run long: the flusher sends what waits meanwhile
             _current_task = task_id
             started = perf()
             result_buffers: list[pickle.PickleBuffer] = []
             try:
                 call = loads(payload, big[0] if big else None)  # (fn, args) or (fn, args, kwargs)
-                result = dumps(call[0](*call[1], **call[2]) if len(call) == 3 else call[0](*call[1]),
-                               result_buffers)
-                status = OK
+                value = call[0](*call[1], **call[2]) if len(call) == 3 else call[0](*call[1])
                 del call  # let go of shared-memory arguments now, so the caller can reuse the segment
             except BaseException as exc:
                 result, status = encode_error(exc), RAISED
-                result_buffers.clear()
+            else:
+                status = OK
+                try:
+                    result = dumps(value, result_buffers)
+                except BaseException as exc:  # the task ran; its result cannot travel: say so
+                    result, status = result_error(exc), RAISED
+                    result_buffers.clear()
+                del value
+                if len(result) > MAX_PAYLOAD:
+                    result, status = result_error(None, len(result)), RAISED
+                    result_buffers.clear()
             finished = perf()
             _current_task = None
             self.results.append((task_id, status, result, finished - started, result_buffers or None))
-            if finished - self.last_flush > FLUSH_EVERY:
+            if result_buffers or finished - self.last_flush > FLUSH_EVERY:
                 self.flush()
 
 
@@ -222,21 +408,33 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _main_path
     try:
-        (_init, sys_path, _main_path, report_rss, initializer_payload), counter_fd = parent.recv(with_handle=True)
+        (_init, sys_path, _main_path, report_rss, initializer_payload, authkey), fds = parent.channel.recv_fds()
     except ChannelClosed:
         return  # the pool closed before we started: nothing to do
+    counter_fd, _inherited_fds[:] = fds[0], fds[1:]
     sys.path[:] = sys_path  # find what the caller finds, as multiprocessing's spawn does
     _worker.report_rss = report_rss
     _worker.started = memoryview(mmap.mmap(counter_fd, 8)).cast("Q")
     os.close(counter_fd)
+    if authkey is not None:  # the caller uses multiprocessing: be its child there too (Manager proxies)
+        import multiprocessing.process
+
+        multiprocessing.process.current_process().authkey = authkey
     _hide_channel_from_tasks()
     try:
         initializer, initargs = loads(initializer_payload)
+        for fd in _inherited_fds:  # what needed them holds its own copies now
+            os.close(fd)
+        del _inherited_fds[:]
         if initializer is not None:
             initializer(*initargs)
     except BaseException as exc:
-        parent.send(("init-failed", encode_error(exc)))
+        try:
+            parent.send(("init-failed", encode_error(exc)))
+        except ChannelClosed:
+            pass  # the pool broke on another worker's report and let us go: nobody left to tell
         sys.exit(3)
+    threading.Thread(target=_worker.flusher, name="forkio-results", daemon=True).start()
     try:
         parent.send(("ready", os.getpid()))
         _worker.run()
@@ -244,6 +442,11 @@ def main() -> None:
         pass  # the pool let us go
     # Leave at once, as multiprocessing's workers do: a full interpreter teardown (atexit,
     # module cleanup) costs the pool's shutdown milliseconds per worker and runs nothing of ours.
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        # A task used multiprocessing: a queue's feeder thread may still hold what a task put.
+        # Run its exit hooks, as multiprocessing's own workers do before their os._exit().
+        util._exit_function()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import IO
 
 from ._channel import Channel
+from ._check import signal_arg, timeout_arg
 from ._codec import DEFAULT_MAX_FRAME
 from ._endpoint import Endpoint
 from ._errors import WaitTimeout, describe_exit, signal_name
@@ -75,11 +76,35 @@ class _Process:
         return signal_name(-code) if code is not None and code < 0 else None
 
     @property
+    def startup_error(self) -> str | None:
+        """Why the child ended before running any of its target's code (a syntax error, a module
+        not found...), as the child reported it: ``"SyntaxError: ..."``; None otherwise.
+
+        Known once the child has exited (``"exit"`` listeners and ``wait()``'s callers can read it);
+        ``recv()`` raises ``ChannelClosed`` with the same text.
+        """
+        return self._startup_error()
+
+    def _startup_error(self, wait: float = 0.0) -> str | None:
+        channel: Channel | None = getattr(self, "_channel", None)  # the endpoint's (both faces have one)
+        if channel is None:
+            return None
+        if channel.peer_failure is None and channel.connected and self._popen.poll() is not None:
+            channel.read_pending(wait)  # it is the first and last thing such a child sends
+        return channel.peer_failure
+
+    @property
     def killed(self) -> bool:
         return self.signal_code is not None
 
-    def kill(self, sig: int = signal.SIGTERM) -> bool:
-        """Send ``sig`` to the child; False if it has already exited."""
+    def kill(self, sig: int | str = signal.SIGTERM) -> bool:
+        """Send ``sig`` (a number, a ``signal.Signals`` or a name such as ``"SIGKILL"``) to the child.
+
+        True if it was sent; False if the child has already exited (nothing is sent, whatever the
+        signal). A signal that does not exist is a ``ValueError``, alive or not; 0 sends nothing
+        and says whether the child still runs.
+        """
+        sig = signal_arg(sig)
         if self._popen.poll() is not None:
             return False
         try:
@@ -90,7 +115,7 @@ class _Process:
 
     def _stop_steps(self, grace: float) -> tuple[tuple[int | None, float | None], ...]:
         """How ``close()`` stops a child: wait ``grace`` s, then ``kill_signal`` and 1 s, then SIGKILL."""
-        return ((None, grace), (self.kill_signal, 1.0), (signal.SIGKILL, None))
+        return ((None, timeout_arg(grace, "grace")), (self.kill_signal, 1.0), (signal.SIGKILL, None))
 
     def _release(self) -> None:
         """After the exit: close the stdio pipes and the sentinel."""
@@ -112,6 +137,9 @@ class _Process:
     def _describe(self, kind: str, connected: bool) -> str:
         code = self._popen.poll()
         state = "running" if code is None else describe_exit(code)
+        failure = self._startup_error() if code is not None else None
+        if failure:
+            state += f" (failed to start: {failure.splitlines()[-1]})"
         what = self._spec.label
         chan = "connected" if connected else "disconnected"
         return (f"<forkio.{kind} pid={self.pid} {what!r} {self._spec.serialization} {self.start_method} "
@@ -145,7 +173,7 @@ class ChildProcess(_Process, Endpoint):
 
     Events: ``"message"`` (message[, handle]), ``"disconnect"``, ``"exit"`` (exit_code,
     signal_name) and ``"error"`` (exception). ``"exit"`` fires once, after the reader has
-    delivered every message.
+    delivered every message the child sent (so a ``"message"`` listener must not wait for it).
     """
 
     _events = ("message", "disconnect", "exit", "error")
@@ -161,6 +189,7 @@ class ChildProcess(_Process, Endpoint):
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the child to exit; return its returncode (negative signal number if killed)."""
+        timeout = timeout_arg(timeout)
         try:
             code = self._popen.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -178,7 +207,8 @@ class ChildProcess(_Process, Endpoint):
         code = self.wait()
         reader = self._reader
         if reader is not None:
-            reader.join(1.0)  # let the reader deliver what the child sent before exiting
+            self._delivered_all(reader)  # "exit" comes after every message the child sent
+        self._startup_error(wait=1.0)  # known before the listeners run (a recv() may be reading it)
         with self._exit_lock:
             if self._exit_emitted:
                 return
@@ -187,8 +217,9 @@ class ChildProcess(_Process, Endpoint):
 
     def close(self, grace: float = DEFAULT_GRACE) -> int:
         """Disconnect, give the child ``grace`` seconds to exit, then stop it (TERM, then KILL)."""
+        steps = self._stop_steps(grace)  # first: a bad grace changes nothing
         self.disconnect()
-        for sig, wait_for in self._stop_steps(grace):
+        for sig, wait_for in steps:
             if sig is not None:
                 self.kill(sig)
             try:
@@ -213,7 +244,7 @@ def fork(script: str | os.PathLike[str] | None = None, args: Sequence[str] = (),
          module: str | None = None, cwd: str | None = None, env: dict[str, str] | None = None,
          executable: str | None = None, exec_args: Sequence[str] = (), stdio: str = "inherit",
          serialization: str | None = None, timeout: float | None = None,
-         kill_signal: int = signal.SIGTERM, detached: bool = False,
+         kill_signal: int | str = signal.SIGTERM, detached: bool = False,
          max_frame_size: int = DEFAULT_MAX_FRAME, start: str = "auto",
          preload: Sequence[str] | None = None) -> ChildProcess:
     """Start a Python script or module (or a Node script) as a child with a message channel.
@@ -228,10 +259,16 @@ def fork(script: str | os.PathLike[str] | None = None, args: Sequence[str] = (),
     ``preload`` modules already imported: a few milliseconds) where that is safe, and execs a
     fresh interpreter otherwise; ``"zygote"`` insists, ``"exec"`` never uses one. ``preload``
     defaults to ``forkio.set_preload(...)``'s list. ``child.start_method`` says which it was.
+
+    Everything is checked before anything starts: a bad option is a ``TypeError`` or
+    ``ValueError`` (``args`` and ``env`` take str, bytes or os.PathLike; ``timeout`` > 0 seconds,
+    ``inf`` for none; ``kill_signal`` a number or a name such as ``"SIGINT"``), a script that is
+    missing, a directory without ``__main__.py`` or unreadable the ``OSError`` opening it would
+    give. No process to be had (``RLIMIT_NPROC``...) raises that ``OSError``; nothing is disabled.
     """
-    spec = build_spec(os.fspath(script) if script is not None else None, args, module=module, cwd=cwd,
-                      env=env, executable=executable, exec_args=exec_args, stdio=stdio,
-                      serialization=serialization, detached=detached, start=start, preload=preload)
+    timeout, kill_signal = timeout_arg(timeout, zero=False), signal_arg(kill_signal, "kill_signal")
+    spec = build_spec(script, args, module=module, cwd=cwd, env=env, executable=executable, exec_args=exec_args,
+                      stdio=stdio, serialization=serialization, detached=detached, start=start, preload=preload)
     popen, sock, method = launch(spec)
-    channel = Channel(sock, serialization=spec.serialization, max_frame_size=max_frame_size)
+    channel = Channel(sock, serialization=spec.serialization, max_frame_size=max_frame_size, node_peer=spec.is_node)
     return ChildProcess(popen, channel, spec, kill_signal=kill_signal, timeout=timeout, start_method=method)

@@ -17,6 +17,8 @@ the request: the preload list, the startup environment (``PYTHON*``, locale, ``H
 process attributes inherited at fork (uid/gids, umask, resource limits). When one of
 those changes, the next fork gets a zygote that matches. A dead zygote is replaced on the next
 fork; a zygote that cannot clone safely says why once, and ``start="auto"`` execs from then on.
+A clone that fails for want of a process (``EAGAIN``, ``ENOMEM``) fails that one fork with the
+``OSError``; the next fork clones again.
 """
 
 from __future__ import annotations
@@ -201,6 +203,7 @@ class _Zygote:
         self.channel = Channel(ours)
         self.channel.zero_copy_threshold = None
         self._lock = threading.Lock()
+        self._serial = 0  # numbers the requests
         try:
             hello = self.channel.recv(timeout=START_TIMEOUT)
         except BaseException as exc:
@@ -217,20 +220,37 @@ class _Zygote:
         return self.channel.connected and self.popen.poll() is None
 
     def fork(self, request: dict[str, Any], fds: list[int]) -> int:
-        """Ask for one child; its pid. ``ChannelClosed`` if the zygote is gone, OSError if refused."""
+        """Ask for one child; its pid. ``ChannelClosed`` if the zygote died without making one,
+        ``_Refused`` if it cannot clone here, the ``OSError`` exec would raise (a missing cwd,
+        no process to be had) otherwise."""
         with self._lock:
+            self._serial += 1
+            request["id"] = self._serial
             self.channel.send_fds(request, fds)
             try:
-                reply = self.channel.recv(timeout=REPLY_TIMEOUT)
+                reply = self._answer(request["id"], REPLY_TIMEOUT)
             except WaitTimeout:  # a zygote that hangs is no zygote: the next fork starts another
                 self.popen.kill()
-                self.channel.close()
-                raise ZygoteError(f"the zygote did not answer within {REPLY_TIMEOUT} s") from None
+                try:  # a child it made before hanging says so itself once the zygote is gone
+                    reply = self._answer(request["id"], 2.0)
+                except (WaitTimeout, ChannelClosed):
+                    raise ZygoteError(f"the zygote did not answer within {REPLY_TIMEOUT} s") from None
+                finally:
+                    self.channel.close()
         if "refused" in reply:
             raise _Refused(reply["refused"])
         if "error" in reply:
             raise reply["error"]  # what exec would have raised (a missing cwd: FileNotFoundError...)
         return int(reply["pid"])
+
+    def _answer(self, serial: int, timeout: float) -> dict[str, Any]:
+        """The answer to request ``serial``. Answers to earlier ones are dropped: a child whose
+        zygote died after answering for it may answer again (see ``_zygote_main._State.become``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reply: dict[str, Any] = self.channel.recv(timeout=max(0.0, deadline - time.monotonic()))
+            if reply.get("id") == serial:
+                return reply
 
     def close(self) -> None:
         self.channel.close()  # the zygote exits at EOF
@@ -312,6 +332,23 @@ def _get(preload: tuple[str, ...], startup_env: tuple[tuple[str, str], ...]) -> 
         return zygote
 
 
+def retire(preload: Iterable[str] | None = None) -> int:
+    """Close the zygotes that preload ``preload`` (default: ``get_preload()``); how many there were.
+
+    The next fork that needs one starts a new zygote, which imports those modules afresh: how
+    a reload serves edited code. Children cloned by the old ones are ours and live on.
+    """
+    wanted = _normalise(preload)
+    with _registry_lock:
+        old = [key for key in _zygotes if key[0] == wanted]
+        zygotes = [_zygotes.pop(key) for key in old]
+        for key in [key for key in _failures if key[0] == wanted]:
+            del _failures[key]  # a preload that failed may import now
+    for zygote in zygotes:
+        zygote.close()
+    return len(zygotes)
+
+
 def _ignored_signals() -> list[int]:
     """Signals this process ignores: an exec'd child inherits that (SIGPIPE/SIGXFSZ excepted)."""
     getsignal, ignore = _signal.getsignal, _signal.SIG_IGN  # the C functions: no enum conversions
@@ -351,19 +388,7 @@ def start(spec: Any) -> tuple[ZygoteProcess, socket.socket] | None:
     raise AssertionError("unreachable")
 
 
-def _check_env(env: dict[str, str]) -> None:
-    """Refuse what exec would refuse (subprocess raises these before starting anything)."""
-    for key, value in env.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"environment keys and values must be str, not {key!r}: {value!r}")
-        if not key or "=" in key or "\0" in key:
-            raise ValueError(f"illegal environment variable name {key!r}")
-        if "\0" in value:
-            raise ValueError("embedded null byte")
-
-
 def _start_from(zygote: _Zygote, spec: Any) -> tuple[ZygoteProcess, socket.socket]:
-    _check_env(spec.env)
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     send = [child_end.fileno()]
     ours: list[int] = []  # our ends of stdio pipes

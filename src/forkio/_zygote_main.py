@@ -25,6 +25,8 @@ random state, arms the parent-death signal for the real parent, and returns to
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import gc
 import importlib
 import importlib.util
@@ -37,7 +39,7 @@ import time
 import warnings
 from typing import Any
 
-from ._bootstrap import arm_parent_death_signal
+from ._bootstrap import arm_parent_death_signal, parent_death_signal
 from ._channel import RECV_SIZE, Channel
 from ._errors import ChannelClosed
 from ._handles import close_fds
@@ -45,6 +47,8 @@ from ._handles import close_fds
 CLONE_PARENT = 0x00008000
 CLONE_CHILD_SETTID = 0x01000000
 _SYS_CLONE = {"x86_64": 56, "amd64": 56, "aarch64": 220, "arm64": 220}
+# clone() errors that say "not now" (RLIMIT_NPROC, pid or memory shortage), not "never here".
+_SHORTAGE = (errno.EAGAIN, errno.ENOMEM)
 
 
 def native_threads() -> int:
@@ -163,21 +167,29 @@ def serve(argv: list[str]) -> tuple[str, str, list[str], Any]:
             request, fds = control.recv_fds()
         except ChannelClosed:
             os._exit(0)
+        rid = request["id"]  # echoed in the answer: the parent ignores answers to earlier requests
         try:
             state.prepare(request, fds)
+            go = list(os.pipe())  # see _State.become: the child starts once the parent knows its pid
         except BaseException as exc:  # the request cannot be honoured (a bad cwd...): say what exec would
             state.after_fork(failed=True)
-            control.send({"error": exc if isinstance(exc, Exception) else RuntimeError(repr(exc))})
+            control.send({"id": rid, "error": exc if isinstance(exc, Exception) else RuntimeError(repr(exc))})
             continue
         try:
             pid = cloner.fork()
-        except OSError as exc:  # cloning is not possible here: the parent should exec instead
+        except OSError as exc:
+            close_fds(go)
             state.after_fork()
-            control.send({"refused": str(exc)})
+            if exc.errno in _SHORTAGE:  # no process to be had right now: this fork fails, the next may not
+                control.send({"id": rid, "error": exc})
+            else:  # cloning is not possible here: the parent should exec instead
+                control.send({"id": rid, "refused": str(exc)})
             continue
         if pid == 0:
-            return state.become(control, request)
-        control.send({"pid": pid})  # first: the parent is waiting, the clean-up is not urgent
+            return state.become(control, request, go)
+        control.send({"id": rid, "pid": pid})  # first: the parent is waiting, the clean-up is not urgent
+        os.write(go[1], b"\0")
+        close_fds(go)
         state.after_fork()
 
 
@@ -242,7 +254,9 @@ class _State:
         finally:
             close_fds([fd for fd in fds if fd not in self.keep])
         wanted = request["channel_fd"]  # the number an exec'd child would have it under (pass_fds)
-        if self.keep[0] != wanted and wanted >= 3 and wanted not in self.keep and wanted < _HIGH:
+        # Only onto a free number: under a low fd limit the zygote's own fds (control socket,
+        # /dev/null, a preloaded module's files) may sit where the parent's numbers go.
+        if self.keep[0] != wanted and wanted >= 3 and _is_free(wanted):
             os.dup2(self.keep[0], wanted, inheritable=False)
             os.close(self.keep[0])
             self.keep[0] = wanted
@@ -293,12 +307,28 @@ class _State:
         for fd in (0, 1, 2):
             os.dup2(self.devnull, fd)
 
-    def become(self, control: Channel, request: dict[str, Any]) -> tuple[str, str, list[str], Any]:
-        """In the child, right after the clone: what only the child can do."""
+    def become(self, control: Channel, request: dict[str, Any], go: list[int]
+               ) -> tuple[str, str, list[str], Any]:
+        """In the child, right after the clone: what only the child can do.
+
+        Nothing runs before the parent knows this child's pid: the zygote writes a byte to ``go``
+        once it has sent the pid. A zygote killed in between (OOM killer...) closes ``go``
+        unwritten; then the child sends its pid itself, on the control channel it still shares,
+        so that the parent takes it as the answer instead of asking another zygote for a second
+        child. If even that fails nobody knows this child: it ends before running anything.
+        """
         parent_pid = request["parent_pid"]
         if parent_pid is not None:
-            self._prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            self._prctl(_PR_SET_PDEATHSIG, parent_death_signal(signal.SIGTERM in self.ignored), 0, 0, 0)
             if self._getppid() != parent_pid:  # the parent died before prctl took effect
+                os._exit(128 + signal.SIGTERM)
+        os.close(go[1])
+        answered = os.read(go[0], 1)
+        os.close(go[0])
+        if not answered:
+            try:
+                control.send({"id": request["id"], "pid": os.getpid()})
+            except BaseException:
                 os._exit(128 + signal.SIGTERM)
         control._closed = True
         os.close(control.sock.detach())  # only the descriptor: the zygote keeps using the socket
@@ -374,12 +404,8 @@ def _precompile(kind: str, target: str) -> tuple[Any, Any] | None:
     package is already imported; anything else (a directory, a zip, a package to import, a
     syntax error to report) is left to runpy in the child.
     """
-    import runpy
+    from ._bootstrap import code_from_file
 
-    from ._bootstrap import _run_module_code
-
-    if _run_module_code is None or not hasattr(runpy, "_get_code_from_file"):
-        return None
     try:
         if kind == "script":
             sys.path[0] = os.path.dirname(target)
@@ -391,7 +417,7 @@ def _precompile(kind: str, target: str) -> tuple[Any, Any] | None:
                 return cached[3], None  # the same file as last time (stricter than .pyc's check)
             if pkgutil.get_importer(target) is not None:
                 return None
-            code, _ = runpy._get_code_from_file("__main__", target)
+            code = code_from_file(target)
             if len(_compiled) > 64:
                 _compiled.clear()
             _compiled[target] = (st.st_ino, st.st_mtime_ns, st.st_size, code)
@@ -418,15 +444,26 @@ _HIGH = 900  # the zygote's own fds live up here, out of the way of the numbers 
 
 
 def _high(fd: int) -> int:
-    """Move ``fd`` to a number at or above _HIGH (where the fd limit allows it)."""
-    import fcntl
+    """Move ``fd`` to a number at or above _HIGH, or as near the fd limit as it allows."""
+    import resource
 
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    floor = _HIGH if soft == resource.RLIM_INFINITY else min(_HIGH, max(3, soft - 64))
     try:
-        moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _HIGH)
+        moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
     except OSError:
         return fd
     os.close(fd)
     return moved
+
+
+def _is_free(fd: int) -> bool:
+    """No open file under number ``fd`` here."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError:
+        return True
+    return False
 
 
 def _prctl() -> Any:

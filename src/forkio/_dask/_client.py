@@ -67,11 +67,11 @@ class DaskTaskFuture(TaskFuture):
         self._record: _Record | None = record
 
     def cancel(self) -> bool:
-        record = self._record
+        record, pool = self._record, self._pool
         if not Future.cancel(self):
             return False
-        if record is not None:
-            self._pool._post(("cancel", record))
+        if record is not None and pool is not None:
+            pool._post(("cancel", record))
         return True
 
 

@@ -1,0 +1,70 @@
+"""Argument checks shared by the public faces: bad input raises ``TypeError``/``ValueError`` at
+the call, never later inside a thread or a child."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+
+def timeout_arg(value: Any, name: str = "timeout", *, zero: bool = True) -> float | None:
+    """Seconds to wait: a real number >= 0 (> 0 unless ``zero``), ``None`` or ``inf`` for no limit."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
+    if math.isnan(value) or value < 0 or (value == 0 and not zero):
+        bound = ">= 0" if zero else "> 0"
+        raise ValueError(f"{name} must be {bound} seconds (or None for no limit), not {value!r}")
+    return None if math.isinf(value) else float(value)
+
+
+_SIGNALS = frozenset(int(sig) for sig in signal.valid_signals())
+
+
+def signal_arg(value: Any, name: str = "signal") -> int:
+    """A signal number from a number, a ``signal.Signals`` or a name such as ``"SIGTERM"``.
+
+    0 is accepted (it sends nothing: ``kill(0)`` asks whether the child still runs, as ``kill -0``).
+    """
+    if isinstance(value, str):
+        try:
+            return int(signal.Signals[value])
+        except KeyError:
+            raise ValueError(f"{name}: unknown signal name {value!r} (names look like 'SIGTERM')") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a signal number or name, not {type(value).__name__}")
+    if value != 0 and value not in _SIGNALS:
+        raise ValueError(f"{name}: {value} is not a valid signal number")
+    return int(value)
+
+
+def str_arg(value: Any, name: str) -> str:
+    """A string for the command line or the environment: ``str``, ``bytes`` (decoded as the file
+    system decodes names) or ``os.PathLike``. Anything else is a ``TypeError``: no ``str(None)``."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bytes):
+        return os.fsdecode(value)
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"{name} must be str, bytes or os.PathLike, not {type(value).__name__}: {value!r}")
+
+
+def env_arg(env: Any) -> dict[str, str]:
+    """A child's environment as ``dict[str, str]``; refuses what exec would refuse, here and now."""
+    if not isinstance(env, Mapping):
+        raise TypeError(f"env must be a mapping of names to values, not {type(env).__name__}")
+    checked = {}
+    for key, value in env.items():
+        key = str_arg(key, "env key")
+        value = str_arg(value, f"env[{key!r}]")
+        if not key or "=" in key or "\0" in key:
+            raise ValueError(f"env: illegal environment variable name {key!r}")
+        if "\0" in value:
+            raise ValueError(f"env[{key!r}]: embedded null byte")
+        checked[key] = value
+    return checked

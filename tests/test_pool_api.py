@@ -1,0 +1,330 @@
+"""The pool's public face: option checks, ProcessPoolExecutor names, map/stream promises,
+multiprocessing objects in workers."""
+
+from __future__ import annotations
+
+import gc
+import math
+import multiprocessing
+import operator
+import pickle
+import subprocess
+import sys
+import textwrap
+import threading
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import forkio
+import pool_api_tasks as tasks
+from forkio import Pool, SerializationError, TaskResult
+from forkio._pool_stream import run_chunk
+
+
+@pytest.fixture
+def pool() -> Iterator[Pool]:
+    with Pool(2) as p:
+        yield p
+
+
+# ---- item: an item that exits or raises KeyboardInterrupt fails alone -------------------------------
+@pytest.mark.parametrize("how", ["raise", "exit", "keyboard"])
+def test_an_item_that_exits_fails_alone_in_its_chunk(pool: Pool, how: str) -> None:
+    """sys.exit() or KeyboardInterrupt in one item of a chunk fails that item, as an exception does."""
+    results = list(pool.options().stream(tasks.misbehave_on, [(i, how) for i in range(40)], star=True,
+                                         ordered=True, chunksize=10))
+    failed = {r.index: type(r.error) for r in results if not r.ok}
+    expected = {"raise": KeyError, "exit": SystemExit, "keyboard": KeyboardInterrupt}[how]
+    assert failed == {13: expected}
+    assert [r.value for r in results if r.ok] == [i for i in range(40) if i != 13]
+
+
+def test_run_chunk_runs_each_item_once_and_catches_base_exceptions() -> None:
+    """In the worker: a failing item neither reruns the items before it nor stops those after it."""
+    calls: list[int] = []
+
+    def fn(x: int) -> int:
+        calls.append(x)
+        if x in (2, 5):
+            raise SystemExit(x) if x == 2 else KeyboardInterrupt
+        return x * 10
+
+    for star in (False, True):
+        calls.clear()
+        values, errors, _ = run_chunk(fn, [(x,) if star else x for x in range(7)], star)
+        assert calls == list(range(7))
+        assert values == [0, 10, None, 30, 40, None, 60]
+        assert sorted(errors) == [2, 5]
+
+
+# ---- item: what was read from a slow input is dispatched at once ------------------------------------
+def _held_input(release: threading.Event, held: list[bool]) -> Iterator[int]:
+    """Yields 1 and 2, then waits (bounded) until the consumer has seen their results."""
+    yield 1
+    yield 2
+    held.append(release.wait(30))  # False: nobody released us, the results never came
+    yield 3
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("face", ["map", "stream", "astream"])
+def test_items_read_run_while_the_input_waits(pool: Pool, face: str) -> None:
+    """Results of inputs already read arrive while the input is still waiting for more."""
+    release, held = threading.Event(), []
+    seen: list[int] = []
+
+    def take(value: int) -> None:
+        seen.append(value)
+        if len(seen) == 2:
+            release.set()
+
+    inputs = _held_input(release, held)
+    if face == "map":
+        for value in pool.map(tasks.square, inputs):
+            take(value)
+    elif face == "stream":
+        for result in pool.stream(tasks.square, inputs, ordered=True):
+            take(result.value)
+    else:
+        import asyncio
+
+        async def consume() -> None:
+            async for result in pool.astream(tasks.square, inputs, ordered=True):
+                take(result.value)
+
+        asyncio.run(consume())
+    assert seen == [1, 4, 9]
+    assert held == [True], "the results of 1 and 2 came only after the input went on"
+
+
+# ---- issue 10 item: an input that raises midway ------------------------------------------------------
+def _failing_input(n: int) -> Iterator[int]:
+    yield from range(n)
+    raise LookupError("the input broke")
+
+
+class _BrokenSequence:
+    """Knows its length (read inline, not by a thread), but breaks while iterated."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __iter__(self) -> Iterator[int]:
+        return _failing_input(5)
+
+
+@pytest.mark.parametrize("make", [lambda: _failing_input(25), _BrokenSequence], ids=["generator", "sequence"])
+def test_an_input_that_raises_delivers_what_was_read_first(pool: Pool, make: Any) -> None:
+    """map/stream over an input that raises: every earlier item's result first, then its error."""
+    n = 25 if not isinstance(make(), _BrokenSequence) else 5
+    got: list[int] = []
+    with pytest.raises(LookupError, match="the input broke"):
+        for value in pool.map(tasks.square, make()):
+            got.append(value)
+    assert got == [i * i for i in range(n)]
+    results: list[TaskResult] = []
+    with pytest.raises(LookupError, match="the input broke"):
+        for result in pool.stream(tasks.square, make(), ordered=True):
+            results.append(result)
+    assert [r.value for r in results] == [i * i for i in range(n)]
+
+
+def test_map_yields_the_values_before_a_failed_item_of_the_same_chunk(pool: Pool) -> None:
+    """map raises an item's error at its turn: the items before it in its chunk come first."""
+    got: list[int] = []
+    with pytest.raises(KeyError):
+        for value in pool.map(tasks.misbehave_on, range(30), ["raise"] * 30, chunksize=10):
+            got.append(value)
+    assert got == list(range(13))
+
+
+# ---- item: map does not keep the results it yielded alive (bpo-14406) -------------------------------
+@pytest.mark.parametrize("face", ["map", "map-progress", "stream", "imap_unordered"])
+def test_yielded_results_are_not_kept_alive(pool: Pool, face: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A consumer that drops each result gets its memory back while the iteration goes on."""
+    items = range(12)
+    iterator: Iterator[Any] = {
+        "map": lambda: pool.map(tasks.make_marker, items, chunksize=4),
+        "map-progress": lambda: pool.map(tasks.make_marker, items, chunksize=4, progress=True),
+        "stream": lambda: map(operator.attrgetter("value"), pool.stream(tasks.make_marker, items, chunksize=4)),
+        "imap_unordered": lambda: pool.imap_unordered(tasks.make_marker, items, chunksize=4),
+    }[face]()
+    kept = seen = 0
+    for obj in iterator:
+        seen += 1
+        ref = weakref.ref(obj)
+        del obj
+        gc.collect()
+        kept += ref() is not None
+    assert (seen, kept) == (12, 0)
+
+
+# ---- item: every option checked up front; inf is no limit -------------------------------------------
+@pytest.mark.parametrize("kwargs,error", [
+    ({"workers": 2.5}, TypeError),
+    ({"workers": "2"}, TypeError),
+    ({"workers": True}, TypeError),
+    ({"workers": 0}, ValueError),
+    ({"initializer": 42}, TypeError),
+    ({"initargs": 5}, TypeError),
+    ({"initargs": "ab"}, TypeError),
+    ({"retries": -1}, ValueError),
+    ({"retries": 1.5}, TypeError),
+    ({"task_timeout": 0}, ValueError),
+    ({"task_timeout": -3}, ValueError),
+    ({"task_timeout": math.nan}, ValueError),
+    ({"task_timeout": "5"}, TypeError),
+    ({"max_tasks_per_worker": 0}, ValueError),
+    ({"max_memory_per_worker": 1.5}, TypeError),
+    ({"spare_workers": -1}, ValueError),
+    ({"preload": "json"}, TypeError),
+    ({"preload": ["no such module"]}, ValueError),
+    ({"workers": 2, "max_workers": 3}, TypeError),
+    ({"max_tasks_per_worker": 2, "max_tasks_per_child": 3}, TypeError),
+    ({"mp_context": "spawn"}, TypeError),
+    ({"mp_context": multiprocessing.get_context("fork")}, ValueError),
+])
+def test_bad_options_are_refused_by_the_constructor(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    """A bad option raises at Pool(), before any worker or thread starts."""
+    threads = threading.active_count()
+    with pytest.raises(error):
+        Pool(**kwargs)
+    assert threading.active_count() == threads
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    ({"timeout": 0}, ValueError), ({"timeout": "1"}, TypeError), ({"retries": -1}, ValueError),
+    ({"retries": None}, TypeError), ({"on_message": 3}, TypeError),
+])
+def test_bad_task_options_are_refused(pool: Pool, kwargs: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        pool.options(**kwargs)
+
+
+def test_bad_chunksize_is_refused(pool: Pool) -> None:
+    with pytest.raises(ValueError):
+        list(pool.map(tasks.square, range(3), chunksize=0))
+    with pytest.raises(TypeError):
+        list(pool.map(tasks.square, range(3), chunksize=2.5))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout", [math.inf, 1e12])
+def test_an_infinite_or_huge_timeout_means_no_limit(timeout: float) -> None:
+    """task_timeout=inf is no limit; a huge finite one never overflows the manager's wait."""
+    with Pool(1, task_timeout=timeout) as p:
+        assert p.task_timeout == (None if math.isinf(timeout) else timeout)
+        assert p.submit(tasks.square, 3).result(timeout=30) == 9
+        assert list(p.options(timeout=timeout).map(tasks.square, [4, 5], timeout=math.inf)) == [16, 25]
+        assert repr(p).count("running") == 1
+
+
+# ---- item: ProcessPoolExecutor's names ---------------------------------------------------------------
+def test_process_pool_executor_names_are_accepted() -> None:
+    """max_workers= and max_tasks_per_child= act as workers= and max_tasks_per_worker=."""
+    with Pool(max_workers=3, max_tasks_per_child=1, mp_context=multiprocessing.get_context("spawn")) as p:
+        assert p.workers == 3
+        pids = [p.submit(tasks.pid_of).result(timeout=30) for _ in range(4)]
+        assert len(set(pids)) == 4  # a fresh worker for every task
+
+
+def test_errors_name_the_option_as_it_was_given() -> None:
+    with pytest.raises(ValueError, match=r"^max_workers must be at least 1"):
+        Pool(max_workers=0)
+    with pytest.raises(ValueError, match=r"^max_tasks_per_child must be at least 1"):
+        Pool(max_tasks_per_child=0)
+    with pytest.raises(ValueError, match=r"^workers must be at least 1"):
+        Pool(0)
+
+
+def test_cloudpickle_is_suggested_only_where_it_helps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SerializationError hint names cloudpickle for lambdas and closures, not for a lock."""
+    from forkio import _pool
+
+    monkeypatch.setattr(_pool, "_has_cloudpickle", lambda: False)
+
+    def local() -> None:
+        pass
+
+    for fn in (lambda: None, local):
+        with pytest.raises((pickle.PicklingError, AttributeError)) as info:
+            pickle.dumps(fn)
+        assert "cloudpickle" in _pool._cloudpickle_hint(info.value)
+    with pytest.raises(TypeError) as lock_info:
+        pickle.dumps(threading.Lock())
+    assert _pool._cloudpickle_hint(lock_info.value) == ""
+
+
+def test_an_unpicklable_argument_error_has_no_cloudpickle_hint(pool: Pool) -> None:
+    with pytest.raises(SerializationError) as info:
+        pool.submit(tasks.square, threading.Lock()).result(timeout=30)
+    assert "cloudpickle" not in str(info.value)
+
+
+# ---- item: multiprocessing objects reach the workers -------------------------------------------------
+_MP_SCRIPT = """
+import multiprocessing as mp
+import sys
+
+import forkio
+import pool_api_tasks as tasks
+
+
+def from_main(d):  # a function of __main__, run where multiprocessing was imported first
+    d["main"] = 1
+    return True
+
+
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        d = manager.dict()
+        with forkio.Pool(1) as pool:
+            assert pool.submit(tasks.set_item, d, "forkio", 42).result(timeout=30) == ["forkio"]
+            assert pool.submit(from_main, d).result(timeout=30)
+        assert dict(d) == {"forkio": 42, "main": 1}, dict(d)
+        q = ctx.Queue()
+        with forkio.Pool(2, initializer=tasks.keep, initargs=(q,), max_tasks_per_worker=1) as pool:
+            for i in range(4):  # respawned workers get the queue too
+                assert pool.submit(tasks.put_in_kept, i).result(timeout=30)
+            assert sorted(q.get(timeout=30) for _ in range(4)) == [0, 1, 2, 3]
+        q.close()
+        q.join_thread()
+        try:
+            forkio.Pool(1, initializer=tasks.keep, initargs=(mp.get_context("fork").Queue(),))
+        except forkio.SerializationError as exc:
+            assert "get_context('spawn')" in str(exc) and "Manager()" in str(exc), exc
+        else:
+            raise AssertionError("a fork-context queue was accepted")
+    print("all good")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_manager_proxies_and_queues_reach_workers(tmp_path: Path) -> None:
+    """A Manager proxy works as a task argument and a spawn-context Queue in initargs, as with
+    ProcessPoolExecutor; a fork-context Queue is refused with what to use instead."""
+    script = tmp_path / "mp_objects.py"
+    script.write_text(textwrap.dedent(_MP_SCRIPT))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "all good"
+
+
+def test_initializer_fds_are_closed_with_the_pool() -> None:
+    """The pool's copies of a queue's fds go when the pool does."""
+    import os
+
+    ctx = multiprocessing.get_context("spawn")
+    reader, writer = ctx.Pipe(duplex=False)
+    before = len(os.listdir("/proc/self/fd"))
+    with Pool(1, initializer=tasks.keep, initargs=(writer,)) as p:
+        assert len(p._init_fds) == 1
+        assert p.submit(tasks.square, 2).result(timeout=30) == 4
+    assert len(os.listdir("/proc/self/fd")) <= before
+    reader.close()
+    writer.close()
+    assert forkio.Pool is Pool
