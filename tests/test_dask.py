@@ -143,7 +143,7 @@ def test_a_task_past_its_timeout_is_stopped(pool: Pool) -> None:
 
 
 def test_unpicklable_result_and_exceptions(pool: Pool) -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(forkio.SerializationError, match="cannot send the task's result back"):
         pool.submit(tasks.return_unpicklable).result(timeout=30)
     with pytest.raises(RemoteError) as info:
         pool.submit(tasks.fail_with_http_error).result(timeout=30)

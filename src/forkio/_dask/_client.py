@@ -165,6 +165,7 @@ class DaskPool(Pool):
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._closed = False
         self._broken = None
+        self._lock = threading.Lock()
         self.client.register_plugin(ForkioPlugin(), name="forkio")
         with _hubs_lock:
             hub = _hubs.get(self.client)
@@ -178,11 +179,14 @@ class DaskPool(Pool):
     # ---- the caller's side ------------------------------------------------------------------
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 timeout: float | None, retries: int, on_message: Callable[[Any], None] | None) -> TaskFuture:
-        if self._closed:
-            raise PoolClosed("cannot submit to a pool that is shut down")
         record = _Record(fn, args, kwargs, timeout, retries, on_message)
         future = record.future = DaskTaskFuture(self, record)
-        self._launch(record)
+        with self._lock:
+            # Under the lock shutdown() takes: a task is either known before the pump is told to
+            # close, and settled, or refused here. None is left behind.
+            if self._closed:
+                raise PoolClosed("cannot submit to a pool that is shut down")
+            self._launch(record)
         return future
 
     def _launch(self, record: _Record) -> None:
@@ -206,16 +210,18 @@ class DaskPool(Pool):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking tasks; finish (or, with ``cancel_futures``, cancel) queued ones; stop the forkio children."""
-        if not self._closed:
-            self._closed = True
-            self._post(("close", cancel_futures))
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._post(("close", cancel_futures))
         if wait and threading.current_thread() is not self._manager:
             self._manager.join()
 
     def terminate(self) -> None:
         """Stop now: cancel every task, running ones included; the Dask workers' forkio children go."""
-        self._closed = True
-        self._post(("terminate",))
+        with self._lock:
+            self._closed = True
+            self._post(("terminate",))
         if threading.current_thread() is not self._manager:
             self._manager.join()
 
