@@ -25,6 +25,7 @@ import itertools
 import pickle
 import queue
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -37,6 +38,9 @@ from .._errors import SerializationError
 from .._pool import Pool, PoolClosed, TaskFuture, _decode_error
 from ._errors import WorkerLost
 from ._worker import MESSAGES_TOPIC, ForkioPlugin, cancel_tasks, close_pool, refuse_new, run_task, stats
+
+
+GATHER_EVERY = 0.005  # seconds: while results stream in, fetch them at most this often (in bulk)
 
 
 class _Record:
@@ -166,6 +170,7 @@ class DaskPool(Pool):
         self._closed = False
         self._broken = None
         self._lock = threading.Lock()
+        self._last_gather = 0.0
         self.client.register_plugin(ForkioPlugin(), name="forkio")
         with _hubs_lock:
             hub = _hubs.get(self.client)
@@ -245,12 +250,7 @@ class DaskPool(Pool):
         closing: bool | None = None  # None: open; False: draining; True: terminate
         try:
             while True:
-                commands = [self._commands.get()]
-                while True:  # take all that is there: results are fetched, cancels sent, in bulk
-                    try:
-                        commands.append(self._commands.get_nowait())
-                    except queue.Empty:
-                        break
+                commands = self._take_commands()
                 done, cancels = [], []
                 for command in commands:
                     kind = command[0]
@@ -279,6 +279,26 @@ class DaskPool(Pool):
                 self._settle(record, None, None)
             self._teardown(bool(closing))
 
+    def _take_commands(self) -> list[tuple[Any, ...]]:
+        """What there is to do: all that is queued (results fetched, cancels sent, in bulk). While
+        results keep coming, wait up to ``GATHER_EVERY`` since the last fetch, to fetch more at once:
+        each fetch is a round trip through the scheduler, and plain Dask users fetch in bulk too."""
+        commands = [self._commands.get()]
+        until = self._last_gather + GATHER_EVERY
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            wait = until - time.monotonic()
+            if wait <= 0 or not any(c[0] == "done" for c in commands):
+                return commands
+            try:
+                commands.append(self._commands.get(timeout=wait))
+            except queue.Empty:
+                return commands
+
     def _finish(self, done: list[tuple[_Record, Any]]) -> None:
         """Dask futures that finished: fetch the results of all of them at once, settle their tasks."""
         ready: list[tuple[_Record, Any]] = []
@@ -297,6 +317,7 @@ class DaskPool(Pool):
                 self._settle(record, None, None)
         if not ready:
             return
+        self._last_gather = time.monotonic()
         try:
             outcomes = self.client.gather([dask for _, dask in ready])
         except Exception:
