@@ -131,7 +131,7 @@ def main() -> None:
     print(f"calibrated: {one20 * 1e3:.1f} ms and {one5 * 1e3:.1f} ms tasks here, alone")
 
     cluster = distributed.LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, host="127.0.0.1")
+                                       dashboard_address=":0", host="127.0.0.1")
     client = distributed.Client(cluster, set_as_default=False)
     pool = forkio.Pool(cluster=client)
     try:

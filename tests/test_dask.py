@@ -65,7 +65,7 @@ def _worker_pids(client: Any) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def client(keep_processes: set[int]) -> Iterator[Any]:
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, host="127.0.0.1")
+                                       dashboard_address=":0", host="127.0.0.1")
     client = distributed.Client(cluster, set_as_default=False)
     pids: set[int] = set()
 
