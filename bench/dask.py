@@ -24,8 +24,8 @@ import argparse
 import importlib.util
 import os
 import platform
-import statistics
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -108,7 +108,7 @@ def alternate(rounds: int, plain: Callable[[], float], forkio: Callable[[], floa
 
 
 def describe(values: list[float], unit: str, digits: int = 1) -> str:
-    return f"{statistics.median(values):,.{digits}f} {unit} (range {min(values):,.{digits}f}–{max(values):,.{digits}f})"
+    return f"{statistics.median(values):,.{digits}f} {unit} (range {min(values):,.{digits}f}-{max(values):,.{digits}f})"
 
 
 def main() -> None:

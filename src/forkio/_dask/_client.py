@@ -39,7 +39,6 @@ from .._pool import Pool, PoolClosed, TaskFuture, _decode_error
 from ._errors import WorkerLost
 from ._worker import MESSAGES_TOPIC, ForkioPlugin, cancel_tasks, close_pool, refuse_new, run_task, stats
 
-
 GATHER_EVERY = 0.005  # seconds: while results stream in, fetch them at most this often (in bulk)
 
 
