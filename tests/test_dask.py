@@ -291,3 +291,18 @@ def test_cluster_without_distributed_says_what_to_install() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "DaskNotInstalled Pool(cluster=...) needs Dask distributed: " \
                                  "pip install 'forkio[dask]'", out.stderr
+
+
+@pytest.mark.parametrize("args,without_dask,message", [
+    (["-j", "2"], False, "-j/--workers does not go with --cluster"),
+    ([], True, "needs Dask distributed: pip install 'forkio[dask]'"),
+])
+def test_cli_cluster_usage_errors_are_one_line(args: list[str], without_dask: bool, message: str) -> None:
+    cli_tasks = Path(__file__).parent / "cli_tasks.py"
+    # Without Dask: distributed cannot be imported (a None entry in sys.modules).
+    code = ("import sys; sys.modules['distributed'] = None\n" if without_dask else "") + \
+        "import sys; from forkio.__main__ import main; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-c", code, "map", f"{cli_tasks}:shout", "a",
+                           "--cluster", "tcp://127.0.0.1:1", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
+        proc.stderr
