@@ -117,6 +117,11 @@ def test_results_and_order(pool: Pool) -> None:
     assert [r.value for r in results] == list(range(1, 7)) and all(r.ok for r in results)
     assert asyncio.run(pool.run(tasks.inc, 41)) == 42
 
+    async def collect() -> list[int]:
+        return sorted([result.value async for result in pool.astream(tasks.inc, range(5))])
+
+    assert asyncio.run(collect()) == [1, 2, 3, 4, 5]
+
 
 def test_tiny_tasks_are_batched(pool: Pool) -> None:
     assert sum(pool.map(tasks.inc, range(5000))) == sum(range(1, 5001))
