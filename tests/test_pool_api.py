@@ -296,12 +296,6 @@ if __name__ == "__main__":
         assert sorted(q.get(timeout=30) for _ in range(4)) == [0, 1, 2, 3]
     q.close()
     q.join_thread()
-    try:
-        forkio.Pool(1, initializer=tasks.keep, initargs=(mp.get_context("fork").Queue(),))
-    except forkio.SerializationError as exc:
-        assert "get_context('spawn')" in str(exc) and "Manager()" in str(exc), exc
-    else:
-        raise AssertionError("a fork-context queue was accepted")
     print("all good")
 """
 
@@ -309,12 +303,82 @@ if __name__ == "__main__":
 @pytest.mark.timeout(120)
 def test_manager_proxies_and_queues_reach_workers(tmp_path: Path) -> None:
     """A Manager proxy works as a task argument and a spawn-context Queue in initargs, as with
-    ProcessPoolExecutor; a fork-context Queue is refused with what to use instead."""
+    ProcessPoolExecutor (fork-context ones: the tests below)."""
     script = tmp_path / "mp_objects.py"
     script.write_text(textwrap.dedent(_MP_SCRIPT))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "all good"
+
+
+def _can_share_fork_semaphores() -> bool:
+    """Whether this process may open its fork-context semaphores for workers (root, or
+    CAP_CHECKPOINT_RESTORE: the kernel's rule for /proc/self/map_files)."""
+    from forkio._pool_worker import _open_semaphore
+
+    lock = multiprocessing.get_context("fork").Lock()
+    try:
+        fd, _ = _open_semaphore(lock._semlock.handle)  # type: ignore[attr-defined]
+    except OSError:
+        return False
+    import os
+
+    os.close(fd)
+    return True
+
+
+@pytest.mark.skipif(not _can_share_fork_semaphores(), reason="/proc/self/map_files needs CAP_CHECKPOINT_RESTORE")
+@pytest.mark.timeout(90)
+def test_fork_context_queue_and_locks_in_initargs_reach_workers() -> None:
+    """A plain multiprocessing Queue, Lock, Event and Semaphore (the 'fork' context, Linux's default
+    before 3.14) in initargs work in the workers as with ProcessPoolExecutor: the worker's put,
+    set and release reach the caller, and the caller's lock blocks the worker until released."""
+    ctx = multiprocessing.get_context("fork")
+    queue, lock, event, semaphore = ctx.Queue(), ctx.Lock(), ctx.Event(), ctx.Semaphore(0)
+    try:
+        # One task per worker: the second task's worker (a new one) gets them too.
+        with Pool(1, initializer=tasks.keep, initargs=((queue, lock, event, semaphore),),
+                  max_tasks_per_worker=1) as p:
+            assert lock.acquire(timeout=10)
+            first = p.submit(tasks.use_kept_primitives, "from a worker")
+            assert queue.get(timeout=30) == "from a worker"
+            assert event.wait(30)
+            assert semaphore.acquire(timeout=30)
+            lock.release()  # the worker waits for it, and takes it
+            assert first.result(timeout=30) is True
+            assert not lock.acquire(block=False)  # the worker took the very same lock
+            assert p.submit(tasks.release_kept_lock).result(timeout=30) is True
+            assert lock.acquire(timeout=30)  # released by the second worker
+            lock.release()
+    finally:
+        queue.close()
+        queue.join_thread()
+
+
+def test_fork_context_queue_refused_clearly_where_its_semaphore_cannot_be_shared(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where this process may not open its semaphores for the workers (not root, not Linux), a
+    fork-context Queue in initargs is refused at Pool() with what to use instead, leaking no fd."""
+    import os
+
+    from forkio import _pool_worker
+
+    def refuse(handle: int) -> tuple[int, int]:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(_pool_worker, "_open_semaphore", refuse)
+    queue = multiprocessing.get_context("fork").Queue()
+    reader, writer = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(SerializationError) as caught:  # a pipe's fd is taken before the queue's lock fails
+        Pool(1, initializer=tasks.keep, initargs=(writer, queue))
+    assert len(os.listdir("/proc/self/fd")) == before
+    message = str(caught.value)
+    assert "'fork' context" in message and "get_context('spawn')" in message and "Manager()" in message
+    assert "Operation not permitted" in message
+    reader.close()
+    writer.close()
+    queue.close()
 
 
 def test_initializer_fds_are_closed_with_the_pool() -> None:
