@@ -66,3 +66,10 @@ def use_kept_primitives(value: Any) -> bool:
 def release_kept_lock() -> bool:
     _kept[1].release()
     return True
+
+
+def touch(path: str) -> str:
+    """A side effect the caller can check: create ``path``."""
+    with open(path, "w"):
+        pass
+    return path

@@ -101,6 +101,86 @@ def test_items_read_run_while_the_input_waits(pool: Pool, face: str) -> None:
     assert held == [True], "the results of 1 and 2 came only after the input went on"
 
 
+# ---- map starts its work at call time, as Executor.map does -----------------------------------------
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("face", ["map", "map-dropped", "map-progress", "imap_unordered", "stream"])
+def test_map_never_iterated_still_runs_every_item(tmp_path: Path, face: str) -> None:
+    """Code ported from ProcessPoolExecutor calls pool.map(write_file, files) for its side effects:
+    every item runs, and shutdown(wait=True) waits for it, though the result is never iterated
+    (nor kept)."""
+    paths = [str(tmp_path / f"{i}.out") for i in range(200)]
+    pool = Pool(2)
+    if face == "map-dropped":
+        pool.map(tasks.touch, paths)
+        gc.collect()
+    else:
+        kept = {"map": lambda: pool.map(tasks.touch, paths),
+                "map-progress": lambda: pool.map(tasks.touch, paths, progress=True),
+                "imap_unordered": lambda: pool.imap_unordered(tasks.touch, paths),
+                "stream": lambda: pool.stream(tasks.touch, paths)}[face]()
+    pool.shutdown(wait=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(p).name for p in paths)
+    if face != "map-dropped":
+        assert len(list(kept)) == 200  # and the results are there to iterate after the shutdown
+
+
+def _await_files(paths: list[str]) -> bool:
+    """Whether every path exists within 30 s (the workers make them)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + 30
+    while not all(os.path.exists(p) for p in paths):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.timeout(90)
+def test_map_over_a_generator_starts_at_call_time_and_a_dropped_one_lets_go(tmp_path: Path) -> None:
+    """An input without a length is read and dispatched from the call on (a bounded window ahead);
+    a map dropped unread keeps running what it started, stops reading, and holds neither its
+    reading thread nor the pool."""
+    pool = Pool(2)
+    pool_ref = weakref.ref(pool)
+    paths = [str(tmp_path / f"{i}.out") for i in range(3)]
+    results = pool.map(tasks.touch, (p for p in paths))
+    assert _await_files(paths), "nothing ran before the map was iterated"
+    assert list(results) == paths
+
+    read: list[int] = []
+
+    def endless() -> Iterator[str]:
+        i = 0
+        while True:
+            read.append(i)
+            yield str(tmp_path / f"endless-{i}.out")
+            i += 1
+
+    pool.map(tasks.touch, endless())  # dropped at once
+    gc.collect()
+    assert _await_files([str(tmp_path / "endless-0.out")])
+    for thread in threading.enumerate():
+        if thread.name == "forkio-stream-input":
+            thread.join(30)
+            assert not thread.is_alive(), "a dropped map's reading thread is still waiting"
+    assert len(read) < 10_000  # a bounded distance ahead, not the whole endless input
+    pool.shutdown(wait=True)
+    del pool, results
+    gc.collect()
+    assert pool_ref() is None, "something still holds the pool"
+
+
+def test_a_map_closed_midway_cancels_what_it_started(tmp_path: Path) -> None:
+    """As with Executor.map: a consumer that stops early (closes the iterator) cancels the rest."""
+    with Pool(1) as pool:
+        results = pool.map(tasks.touch, [str(tmp_path / f"{i}.out") for i in range(400)], chunksize=1)
+        next(results)
+        results.close()  # type: ignore[attr-defined]
+    assert len(list(tmp_path.iterdir())) < 400
+
+
 # ---- issue 10 item: an input that raises midway ------------------------------------------------------
 def _failing_input(n: int) -> Iterator[int]:
     yield from range(n)

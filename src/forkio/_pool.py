@@ -324,7 +324,7 @@ class Pool(Executor):
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int | None = None, progress: bool = False) -> Iterator[Any]:
-        """Like ``Executor.map``, but input is consumed lazily and batching is chosen for you."""
+        """Like ``Executor.map`` (the work starts now), batched for you; an input without a length is read ahead."""
         return self.options().map(fn, *iterables, timeout=timeout, chunksize=chunksize, progress=progress)
 
     def imap_unordered(self, fn: Callable[..., Any], iterable: Iterable[Any], *,
