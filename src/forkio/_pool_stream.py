@@ -306,11 +306,11 @@ class _Stream:
             return self.fixed_chunk
         workers = self.options.pool.workers
         if self.total is not None:
-            # Dispatched whole before any item is timed: chunks grow from one item (the first
-            # results come soon) to a share that leaves four chunks per worker, and shrink again
-            # towards the end, so that every worker stays busy to the last item.
-            left = self.total - self.taken
-            return max(1, min(MAX_CHUNK, self.total // (workers * 4), 1 << min(self.chunks, 20), left // (workers * 2)))
+            # Dispatched whole before any item is timed: chunks of one size, four per worker
+            # (fewer items each when tiny items would make them huge). Equal chunks, because the
+            # pool may hand queued tasks out by count, half to each worker, before it knows how
+            # long they take: unequal ones would leave one worker with most of the items.
+            return max(1, min(MAX_CHUNK, self.total // (workers * 4)))
         if self.per_item is None:
             return 1
         size = MAX_CHUNK if self.per_item <= 0 else int(TARGET_CHUNK_SECONDS / self.per_item)
