@@ -279,6 +279,16 @@ def test_cli_map_on_the_cluster(client: Any) -> None:
     assert '"kind": "crashed"' in lines[2] and '"result": "B"' in lines[3]
 
 
+def test_a_pool_never_shut_down_lets_its_forkio_children_go_at_exit(client: Any) -> None:
+    code = ("import forkio, pool_tasks\n"
+            f"pool = forkio.Pool(cluster={client.scheduler.address!r})\n"
+            "print(pool.submit(pool_tasks.inc, 1).result(timeout=30))\n")  # and exit without shutdown()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "2", out.stderr
+    assert all(not children for children in client.run(_forkio_children).values())
+    _assert_dask_threads_free(client)
+
+
 def test_without_cluster_nothing_of_dask_is_imported() -> None:
     code = ("import sys, forkio, pool_tasks\n"
             "with forkio.Pool(1) as p: assert p.submit(pool_tasks.inc, 1).result() == 2\n"
