@@ -7,6 +7,7 @@ each test shows that closing the pool leaves no forkio process on the Dask worke
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import subprocess
@@ -137,6 +138,14 @@ def test_a_crash_fails_its_task_only_and_the_dask_worker_lives(pool: Pool, how: 
         pool.submit(tasks.die, how).result(timeout=30)
     assert (info.value.signal_code, info.value.exit_code) == (signal_code, exit_code)
     assert [f.result(timeout=30) for f in others] == list(range(6))
+
+
+def test_map_with_a_per_item_timeout_batches_and_times_each_item(pool: Pool) -> None:
+    """Chunks of items with a timeout: one Dask task each, yet each item timed (and failed) alone."""
+    results = list(pool.options(timeout=2).stream(functools.partial(tasks.hang_if, bad=7), range(40), ordered=True))
+    assert [r.value for r in results if r.ok] == [i for i in range(40) if i != 7]
+    assert isinstance(results[7].error, TaskTimeout)
+    assert next(pool._wires) < 40  # type: ignore[attr-defined]  # fewer Dask tasks than items
 
 
 def test_a_task_past_its_timeout_is_stopped(pool: Pool) -> None:
@@ -270,13 +279,14 @@ def test_a_lost_dask_worker_fails_its_task_with_a_typed_error(pool: Pool, client
 
 def test_cli_map_on_the_cluster(client: Any) -> None:
     cli_tasks = Path(__file__).parent / "cli_tasks.py"
-    proc = subprocess.run([sys.executable, "-m", "forkio", "map", f"{cli_tasks}:shout", "a", "boom", "die", "b",
-                           "--cluster", client.scheduler.address, "--ordered"],
+    proc = subprocess.run([sys.executable, "-m", "forkio", "map", f"{cli_tasks}:shout", "a", "boom", "die", "hang",
+                           "b", "--cluster", client.scheduler.address, "--ordered", "--timeout", "2"],
                           capture_output=True, text=True, timeout=60)
     lines = proc.stdout.splitlines()
     assert proc.returncode == 1, proc.stderr
-    assert [line.split('"ok": ')[1][:4] for line in lines] == ["true", "fals", "fals", "true"]
-    assert '"kind": "crashed"' in lines[2] and '"result": "B"' in lines[3]
+    assert [line.split('"ok": ')[1][:4] for line in lines] == ["true", "fals", "fals", "fals", "true"]
+    assert '"kind": "exception"' in lines[1] and '"kind": "crashed"' in lines[2] and '"kind": "timeout"' in lines[3]
+    assert '"result": "B"' in lines[4]
 
 
 def test_a_pool_never_shut_down_lets_its_forkio_children_go_at_exit(client: Any) -> None:

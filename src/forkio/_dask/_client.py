@@ -145,6 +145,8 @@ class DaskPool(Pool):
     apply to the forkio children on each Dask worker.
     """
 
+    times_chunk_items = True  # map/stream chunks keep per-item timeouts: each item is timed on the worker
+
     def __init__(self, workers: int | None = None, *, cluster: Any = None, preload: tuple[str, ...] = (),
                  initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
                  task_timeout: float | None = None, retries: int = 0,
