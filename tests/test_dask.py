@@ -254,24 +254,29 @@ def test_terminate_stops_what_runs_and_leaves_nothing(client: Any, tmp_path: Pat
     _assert_dask_threads_free(client)
 
 
-def test_a_lost_dask_worker_fails_its_task_with_a_typed_error(pool: Pool, client: Any, tmp_path: Path) -> None:
+def _kill_the_dask_worker_of(client: Any, mark: Path) -> None:
+    """SIGKILL the Dask worker whose forkio child wrote its pid to ``mark`` (the child's ancestor)."""
+    ancestors = {p.pid for p in psutil.Process(_wait_for_pid(mark)).parents()}
+    (victim,) = set(_worker_pids(client).values()) & ancestors
+    os.kill(victim, signal.SIGKILL)
+
+
+def test_a_lost_dask_worker_fails_only_its_task_with_a_typed_error(pool: Pool, client: Any, tmp_path: Path) -> None:
     pool._lost_on_purpose = True  # type: ignore[attr-defined]
-    marks = [tmp_path / "doomed", tmp_path / "retried"]
-    doomed = pool.submit(dask_tasks.hang_first_time, str(marks[0]))
-    retried = pool.options(retries=1).submit(dask_tasks.hang_first_time, str(marks[1]))
+    doomed = pool.submit(dask_tasks.hang_first_time, str(tmp_path / "doomed"))
+    _wait_for_pid(tmp_path / "doomed")
+    bystander = pool.submit(tasks.mark_then_sleep, str(tmp_path / "bystander"), 1.5, "bystander")
     try:
-        # Kill the Dask workers running them (each forkio child's ancestor among the Dask workers).
-        workers = set(_worker_pids(client).values())
-        victims = set()
-        for mark in marks:
-            victims |= workers & {p.pid for p in psutil.Process(_wait_for_pid(mark)).parents()}
-        assert victims
-        for victim in victims:
-            os.kill(victim, signal.SIGKILL)
+        _wait_for_pid(tmp_path / "bystander")  # running on the other Dask worker
+        _kill_the_dask_worker_of(client, tmp_path / "doomed")
         with pytest.raises(forkio.WorkerLost) as info:
             doomed.result(timeout=30)
         assert isinstance(info.value, WorkerCrashed) and info.value.address.startswith("tcp://")
-        assert retried.result(timeout=30) == "second attempt"  # on another worker, or a restarted one
+        assert bystander.result(timeout=30) == "bystander"
+        # With retries, the task runs again (on the other worker, or on the one the nanny restarts).
+        retried = pool.options(retries=1).submit(dask_tasks.hang_first_time, str(tmp_path / "retried"))
+        _kill_the_dask_worker_of(client, tmp_path / "retried")
+        assert retried.result(timeout=30) == "second attempt"
     finally:
         client.wait_for_workers(2, timeout=30)
         client.keep_worker_pids()  # the nannies started new ones: those live on for the module
