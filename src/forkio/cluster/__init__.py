@@ -132,10 +132,10 @@ def run(serve: Callable[[], Any], *, workers: int | None = None, timeout: float 
     log = given.get("log", log)
     settings = Settings(timeout=timeout, graceful_timeout=graceful_timeout, reuse_port=reuse_port,
                         wait_ready=wait_ready)
-    supervise(settings, workers=workers, preload=preload, env=env, log=log)
+    _supervise(settings, workers=workers, preload=preload, env=env, log=log)
 
 
-def supervise(settings: Settings, *, workers: int | None, target: tuple[str, str, list[str]] | None = None,
+def _supervise(settings: Settings, *, workers: int | None, target: tuple[str, str, list[str]] | None = None,
               preload: Sequence[str] = (), env: dict[str, str] | None = None, log: bool = True,
               binds: Sequence[Any] = (), libraries: Sequence[str] = ()) -> None:
     """The primary's part of ``run`` (and of ``forkio serve``): until the cluster stops."""
