@@ -739,11 +739,12 @@ def source_version() -> str:
     import subprocess
 
     import forkio
+    from benchpaths import ROOT, shown
 
     where = os.path.dirname(os.path.abspath(forkio.__file__))
-    root = os.path.dirname(HERE)
+    root = ROOT
     if where != os.path.join(root, "src", "forkio"):
-        return f"- forkio {forkio.__version__} imported from {where} (not this checkout's src/)"
+        return f"- forkio {forkio.__version__} imported from {shown(where)} (not this checkout's src/)"
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True).stdout.strip()
@@ -752,12 +753,14 @@ def source_version() -> str:
     except OSError:
         head, dirty = "", ""
     state = f"git {head}{' + uncommitted changes in src/' if dirty else ''}" if head else "no git"
-    return f"- forkio {forkio.__version__} from {where} ({state})"
+    return f"- forkio {forkio.__version__} from {shown(where)} ({state})"
 
 
 def environment() -> list[str]:
     import platform
     import subprocess
+
+    from benchpaths import shown
 
     cpu = "?"
     try:
@@ -774,7 +777,7 @@ def environment() -> list[str]:
     except OSError:
         load = "?"
     return [f"- CPUs: {os.cpu_count()} x {cpu}; load average at start {load}",
-            f"- Python {platform.python_version()} ({sys.executable}); Node {node}; {platform.platform()}"]
+            f"- Python {platform.python_version()} ({shown(sys.executable)}); Node {node}; {platform.platform()}"]
 
 
 SECTIONS = ("start", "rt", "async_rt", "oneway")

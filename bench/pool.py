@@ -46,6 +46,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+from benchpaths import shown  # noqa: E402 (found through the line above)
+
 MODES: dict[str, dict[str, Any]] = {
     "quick": dict(s1_rounds=3, s1_n=5_000, s2_rounds=3, s2_n=200_000, s3_rounds=2, s3_tasks=100,
                   s4_rounds=5, s5_rounds=3),
@@ -222,21 +224,18 @@ class Hygiene:
 
     @staticmethod
     def describe(p: Any) -> dict[str, Any]:
+        """pid, status and the whole command line (``cmd``; ``short`` for reports). The whole line:
+        a helper's marker can come after a long interpreter path and forkio's bootstrap code."""
         try:
-            cmd = " ".join(p.cmdline())[:160]
+            cmd = " ".join(p.cmdline())
             status = p.status()
         except Exception:
             cmd, status = "?", "?"
-        return {"pid": p.pid, "cmd": cmd, "status": status}
+        return {"pid": p.pid, "cmd": cmd, "short": cmd if len(cmd) <= 160 else cmd[:157] + "...",
+                "status": status, "helper": any(m in cmd for m in HELPER_MARKERS)}
 
     def descendants(self) -> list[Any]:
-        out = []
-        for p in self.me.children(recursive=True):
-            d = self.describe(p)
-            if any(m in d["cmd"] for m in HELPER_MARKERS):
-                continue
-            out.append(p)
-        return out
+        return [p for p in self.me.children(recursive=True) if not self.describe(p)["helper"]]
 
     def check(self, contender: str, grace: float = 2.0) -> None:
         """After a contender's pool is shut down: nothing of it may remain (after ``grace`` s)."""
@@ -255,7 +254,7 @@ class Hygiene:
             d["after"] = contender
             d["forkio"] = "forkio" in d["cmd"]
             self.leaks.append(d)
-            log(f"  !! {contender} left pid {d['pid']} ({d['status']}): {d['cmd']}")
+            log(f"  !! {contender} left pid {d['pid']} ({d['status']}): {d['short']}")
             try:
                 p.kill()
             except psutil.Error:
@@ -279,7 +278,6 @@ class Hygiene:
         for p in self.me.children(recursive=True):
             d = self.describe(p)
             d["forkio"] = "forkio" in d["cmd"]
-            d["helper"] = any(m in d["cmd"] for m in HELPER_MARKERS)
             stragglers.append(d)
             try:
                 p.kill()
@@ -662,7 +660,7 @@ def main() -> int:
     info["load_before"] = os.getloadavg()
     info["others_before"] = busy_others()
     info["mode"] = "quick" if args.quick else "default"
-    info["forkio"] = os.path.dirname(sys.modules["forkio"].__file__ or "?")
+    info["forkio"] = shown(os.path.dirname(sys.modules["forkio"].__file__ or "?"))
     info["label"] = args.label
     info["workers"] = w
     log(f"machine: {info}")
@@ -752,7 +750,7 @@ def main() -> int:
         info["load_after"] = os.getloadavg()
         info["seconds"] = time.perf_counter() - started
 
-    print(f"\n`{' '.join([os.path.relpath(sys.executable), *sys.argv])}` — {info['nproc']} CPUs ({info['cpu']}), "
+    print(f"\n`{' '.join([shown(sys.executable), *sys.argv])}` — {info['nproc']} CPUs ({info['cpu']}), "
           f"Python {info['python']}, {w} workers, {info['mode']} mode, {info['seconds']:.0f} s; "
           f"load {info['load_before'][0]:.2f} before, {info['load_after'][0]:.2f} after; forkio from "
           f"`{info['forkio']}`{' (' + args.label + ')' if args.label else ''}\n")
@@ -762,7 +760,7 @@ def main() -> int:
     leaks = hygiene.leaks + [s for s in stragglers if not s["helper"]]
     if leaks:
         print("**Processes left behind** (killed): " + "; ".join(
-            f"{d['pid']} {d.get('after', 'at exit')} {d['status']} `{d['cmd']}`" for d in leaks))
+            f"{d['pid']} {d.get('after', 'at exit')} {d['status']} `{d['short']}`" for d in leaks))
     else:
         print(f"No process left behind (helpers killed at exit: {len(stragglers)}).")
     if args.json:

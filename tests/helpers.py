@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -30,3 +32,17 @@ def feed_in_chunks(decoder: Any, stream: bytes, cuts: list[int]) -> list[Any]:
         out += [item[0] for item in decoder.feed(stream[start:point])]
         start = point
     return out
+
+
+REPO = Path(__file__).resolve().parent.parent
+# What a copy of the repository leaves out: version control, environments, caches, build and run outputs
+# (examples' out/ folders can hold a named pipe, which a copy would block on).
+NOT_COPIED = (".git", ".venv", "out", "__pycache__", "*.egg-info", "build", "dist", ".mypy_cache",
+              ".pytest_cache", ".ruff_cache", ".hypothesis", "node_modules")
+
+
+def copy_of_repository(dest: Path) -> Path:
+    """A copy of this checkout's files at ``dest`` (without ``NOT_COPIED``), for tests that build or
+    run from a repository they may change."""
+    shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(*NOT_COPIED), symlinks=True)
+    return dest

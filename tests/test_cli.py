@@ -126,7 +126,8 @@ def test_what_tasks_print_goes_to_stderr_never_into_the_results(tmp_path: Path, 
     assert result.returncode == 0, result.stderr
     lines = (out.read_text() if to_file else result.stdout).splitlines()
     assert sorted(r["result"] for r in map(strict_json, lines)) == ["x", "y", "z"]  # every line parses
-    assert result.stdout == "" or not to_file
+    if to_file:
+        assert result.stdout == ""
     for word in "xyz":
         assert f"task says {word}" in result.stderr and f"fd 1 says {word}" in result.stderr
     assert "module imported" in result.stderr
@@ -155,6 +156,28 @@ def test_failing_preload_is_one_line_and_status_2() -> None:
     assert "No module named 'nosuchmod'" in result.stderr
 
 
+CRASH_IN_WORKERS = """\
+import os
+import signal
+
+# Imports fine in forkio map's own process, dies in every worker (a native extension might).
+if os.environ.setdefault("CRASH_OWNER_PID", str(os.getpid())) != str(os.getpid()):
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def f(x):
+    return x
+"""
+
+
+def test_workers_that_cannot_start_stop_the_run_with_status_3(tmp_path: Path) -> None:
+    """Not one failure line per input: one line saying why the pool broke, status 3."""
+    (tmp_path / "crashy.py").write_text(CRASH_IN_WORKERS)
+    result = forkio_cli("map", f"{tmp_path}/crashy.py:f", *map(str, range(50)), timeout=30)
+    assert_one_line_error(result, "the pool stopped after 0 inputs: the pool is broken", status=3)
+    assert "SIGSEGV" in result.stderr and result.stdout == ""
+
+
 # ---- 4. input that is not text ------------------------------------------------------------------
 
 def test_input_that_is_not_utf8_is_refused_on_every_route(tmp_path: Path) -> None:
@@ -171,9 +194,11 @@ def test_input_that_is_not_utf8_is_refused_on_every_route(tmp_path: Path) -> Non
     assert "\\udc" not in by_stdin.stdout  # no lone surrogates smuggled into the results
 
 
-def test_jsonl_input_refuses_nan() -> None:
+def test_jsonl_input_refuses_nan_and_floats_out_of_range() -> None:
     assert_one_line_error(forkio_cli("map", f"{TASKS}:double", "--jsonl", "1", "NaN"),
                           "input argument 2 is not JSON: NaN is not valid JSON")
+    assert_one_line_error(forkio_cli("map", f"{TASKS}:double", "--jsonl", "1", "[1e400]"),
+                          "input argument 2 is not JSON: 1e400 is too large for a float")
 
 
 # ---- 5. closed pipe, full disk ------------------------------------------------------------------
@@ -338,6 +363,9 @@ def test_ctrl_c_again_and_again_while_stopping(tmp_path: Path) -> None:
     (["map", f"{TASKS}:shout", "--timeout", "soon", "x"], "expected a number of seconds, got 'soon'"),
     (["map", f"{TASKS}:shout", "--input", "/nonexistent/file"], "cannot read /nonexistent/file"),
     (["map", f"{TASKS}:shout", "x", "--resume"], "--resume needs --output"),
+    (["map", f"{TASKS}:shout", "x", "--resume", "-o", "/dev/null"], "--resume needs a regular file"),
+    (["map", f"{TASKS}:shout", "x", "--retry-failed", "-o", "/dev/null"], "--retry-failed goes with --resume"),
+    (["map", f"{TASKS}:shout", "x", "--input", "/dev/null"], "give inputs as arguments or with --input, not both"),
     (["map", f"{TASKS}:shout", "--jsonl", "{bad"], "input argument 1 is not JSON"),
     (["demo", "--children", "0"], "argument --children: must be at least 1, not 0"),
     (["demo", "--jobs", "-1"], "argument --jobs: must be at least 0, not -1"),

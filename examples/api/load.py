@@ -24,15 +24,16 @@ import forkio
 SERVER = Path(__file__).with_name("server.py")
 
 
-async def get(port: int, path: str) -> int:
-    """One GET on a fresh connection; returns the HTTP status."""
+async def get(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    """One GET on a fresh connection; returns the HTTP status and the JSON body."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
         response = await reader.read()  # the server closes the connection after one response
     finally:
         writer.close()
-    return int(response.split(b" ", 2)[1])
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body or b"{}")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -54,13 +55,13 @@ async def measure(port: int, *, seconds: float, rate: float, heavy_clients: int,
     async def heavy_client() -> None:
         nonlocal heavy_done
         while not stop.is_set():  # bounded: stops once the light requests are sent and answered
-            if await get(port, f"/heavy?n={n}") == 200:
+            if (await get(port, f"/heavy?n={n}"))[0] == 200:
                 heavy_done += 1
 
-    async def timed_light() -> tuple[float, bool]:
+    async def timed_light() -> tuple[float, bool, int]:
         sent = time.perf_counter()
-        ok = await get(port, "/light") == 200
-        return (time.perf_counter() - sent) * 1000, ok
+        status, body = await get(port, "/light")
+        return (time.perf_counter() - sent) * 1000, status == 200, body.get("heavy_running", 0)
 
     clients = [asyncio.create_task(heavy_client()) for _ in range(heavy_clients)]
     await asyncio.sleep(0.05)  # let the heavy requests get going first
@@ -73,8 +74,10 @@ async def measure(port: int, *, seconds: float, rate: float, heavy_clients: int,
     stop.set()
     await asyncio.gather(*clients)
     elapsed = loop.time() - started
-    latencies = [ms for ms, _ in results]
-    return {"light_requests": len(results), "light_errors": sum(not ok for _, ok in results),
+    latencies = [ms for ms, _, _ in results]
+    return {"light_requests": len(results), "light_errors": sum(not ok for _, ok, _ in results),
+            # answered while heavy work was running: never inline (the event loop was busy with it)
+            "light_during_heavy": sum(running > 0 for _, _, running in results),
             "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99), "max_ms": max(latencies),
             "mean_ms": statistics.fmean(latencies), "heavy_done": heavy_done,
             "heavy_per_s": heavy_done / elapsed, "seconds": elapsed}

@@ -32,16 +32,21 @@ class App:
     def __init__(self, mode: str, workers: int | None = None) -> None:
         self.mode = mode
         self.pool = forkio.Pool(workers) if mode == "forkio" else None
+        self.heavy_running = 0  # /light reports it: inline, a light request is only ever answered at 0
 
     async def heavy(self, n: int) -> int:
-        if self.pool is None:
-            return count_primes(n)  # blocks the event loop, and with it every other request
-        # If this request's task is cancelled (the server stops), the pool stops the computation too.
-        return await self.pool.options(timeout=HEAVY_TIMEOUT).run(count_primes, n)  # type: ignore[no-any-return]
+        self.heavy_running += 1
+        try:
+            if self.pool is None:
+                return count_primes(n)  # blocks the event loop, and with it every other request
+            # If this request's task is cancelled (the server stops), the pool stops the computation too.
+            return await self.pool.options(timeout=HEAVY_TIMEOUT).run(count_primes, n)  # type: ignore[no-any-return]
+        finally:
+            self.heavy_running -= 1
 
     async def route(self, path: str, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
         if path == "/light":
-            return 200, {"ok": True, "pid": os.getpid()}
+            return 200, {"ok": True, "pid": os.getpid(), "heavy_running": self.heavy_running}
         if path == "/heavy":
             try:
                 n = int(query.get("n", ["60000"])[0])

@@ -1,7 +1,7 @@
 """Back up a folder in the background: a forked child (archiver.py) writes a compressed tar
 archive and reports its progress, while this process carries on with its own work.
 
-    python backup.py                                  # backs up a generated sample folder
+    python backup.py                                  # backs up a generated sample folder to out/
     python backup.py SOURCE ARCHIVE.tar.gz [--compression gz|xz|bz2]
 
 The archive appears under its final name only when it is complete (written under a temporary
@@ -155,14 +155,16 @@ def _own_work(seconds: float) -> int:
 def main() -> int:
     cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("source", nargs="?", type=Path, help="folder to back up (default: a generated sample)")
-    cli.add_argument("archive", nargs="?", type=Path, help="archive to write (default: next to the sample)")
+    cli.add_argument("archive", nargs="?", type=Path,
+                     help="archive to write (default: out/sample.tar.<compression> beside this script)")
     cli.add_argument("--compression", choices=["gz", "xz", "bz2"], default="gz")
     args = cli.parse_args()
     with tempfile.TemporaryDirectory(prefix="forkio-backup-") as scratch:
         if args.source is None:
             args.source = make_sample(Path(scratch) / "sample")
-            print(f"made a sample folder to back up: {args.source}")
-        archive = args.archive or Path(scratch) / f"backup.tar.{args.compression}"
+            print(f"made a sample folder to back up (removed at the end): {args.source}")
+        archive = args.archive or Path(__file__).resolve().parent / "out" / f"sample.tar.{args.compression}"
+        archive.parent.mkdir(parents=True, exist_ok=True)
         job = Backup(args.source, archive, compression=args.compression)
         ticks = work = 0
         while job.running:  # the parent's own loop: never blocked by the backup

@@ -27,8 +27,9 @@ fi
 python="$bin/python"
 [[ -x "$python" ]] || python=python3
 
-# The stuck input is a named pipe: remove it at the end so nothing else trips over it.
-trap 'rm -f "$out/images/stuck.jpg"' EXIT
+# The stuck input, images/stuck.jpg, is a named pipe: it stays there, so that running `forkio map`
+# again (with --resume --retry-failed, say) hangs on it and times out again, as documented.
+# Anything that opens it blocks: remove OUT_DIR (or that file) when you are done.
 
 "$python" "$here/prepare.py" "$out"
 

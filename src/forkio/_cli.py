@@ -96,6 +96,7 @@ def add_map_command(commands: Any) -> argparse.ArgumentParser:
     """Declare ``forkio map`` and its options; returns its parser (parsed with intermixed arguments)."""
     cmd: argparse.ArgumentParser = commands.add_parser(
         "map", help="run MODULE:FUNCTION over many inputs in parallel, crash-isolated",
+        usage="forkio map [options] MODULE:FUNCTION [INPUT ...]",
         description="Run a Python function over many inputs in a pool of worker processes. Each input's "
                     "outcome is one JSON line on stdout (or in --output): its result, or its failure "
                     "(exception, timeout, crashed). What the function prints goes to stderr. Exit status: "
@@ -109,9 +110,12 @@ def add_map_command(commands: Any) -> argparse.ArgumentParser:
     cmd.add_argument("-j", "--workers", type=positive_int, default=None, metavar="N",
                      help="worker processes (default: cores)")
     cmd.add_argument("--timeout", type=seconds_or_none, default=None, metavar="SECONDS",
-                     help="stop an input that runs longer than this (its worker is replaced)")
+                     help="stop an input that runs longer than this (its worker is replaced; inf: no limit)")
     cmd.add_argument("--retries", type=non_negative_int, default=0, metavar="N",
                      help="run an input again this many times if its worker crashes or it times out")
+    cmd.add_argument("--cluster", metavar="ADDRESS", default=None,
+                     help="run on a Dask cluster, e.g. tcp://scheduler:8786 (needs forkio[dask]; "
+                          "the function's module must be importable on the Dask workers)")
     cmd.add_argument("--preload", action="append", default=[], metavar="MODULE",
                      help="import MODULE in the workers up front (repeatable)")
     cmd.add_argument("--ordered", action="store_true", help="write results in input order (default: as done)")
@@ -204,13 +208,20 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: valid JSON, but a float cannot hold it and the result line could not say it
+        raise ValueError(f"{text} is too large for a float")
+    return value
+
+
 def _values(lines: Iterator[tuple[str, str]], jsonl: bool) -> Iterator[Any]:
     for where, text in lines:
         if not jsonl:
             yield text
             continue
         try:
-            yield json.loads(text, parse_constant=_refuse_constant)
+            yield json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
         except (ValueError, RecursionError) as exc:
             raise UsageError(f"{where} is not JSON: {exc}") from None
 
@@ -358,6 +369,18 @@ class _Output:
             sys.stdout = self._saved_stdout
 
 
+def _check_cluster(args: argparse.Namespace) -> None:
+    """``--cluster``: usage errors before anything runs (one line, status 2)."""
+    from ._dask import DaskNotInstalled, pool_class
+
+    if args.workers:
+        raise UsageError("-j/--workers does not go with --cluster: the Dask workers' threads are the workers")
+    try:
+        pool_class()
+    except DaskNotInstalled as exc:
+        raise UsageError(str(exc)) from None
+
+
 class _MapRun:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -385,6 +408,8 @@ class _MapRun:
             raise UsageError("--resume needs --output FILE (the results to resume from)")
         if args.retry_failed and not args.resume:
             raise UsageError("--retry-failed goes with --resume")
+        if args.cluster:
+            _check_cluster(args)
         output = _Output()
         try:
             fn = load_function(args.function)
@@ -393,6 +418,8 @@ class _MapRun:
             _check_not_same_file(inputs.fd, args.output, output.stdout_copy)
             skip: set[str] = set()
             if args.resume:
+                if os.path.exists(args.output) and not os.path.isfile(args.output):
+                    raise UsageError(f"--resume needs a regular file to read back, and {args.output} is not one")
                 try:
                     skip = results.tidy(args.output).done(retry_failed=args.retry_failed)
                 except results.ResultsFileError as exc:
@@ -411,7 +438,6 @@ class _MapRun:
              interrupts: _Interrupts) -> int:
         from ._pool import Pool
         from ._progress import ProgressBar
-        from ._zygote import PreloadError
 
         args = self.args
         origin: dict[int, int] = {}  # position in what the pool is given -> index among all inputs
@@ -423,13 +449,19 @@ class _MapRun:
 
         bar = ProgressBar(total, description="forkio map", enabled=args.progress)
         # Workers import the function's module as they start, so --timeout counts the work, not the import.
-        pool = Pool(args.workers, task_timeout=args.timeout, retries=args.retries, preload=tuple(args.preload),
-                    initializer=importlib.import_module, initargs=(fn.__module__,))
+        try:
+            pool = Pool(args.workers, task_timeout=args.timeout, retries=args.retries, preload=tuple(args.preload),
+                        initializer=importlib.import_module, initargs=(fn.__module__,), cluster=args.cluster)
+        except OSError as exc:
+            if not args.cluster:
+                raise
+            raise RunError(f"cannot reach the Dask cluster at {args.cluster}: {exc}") from None
         try:
             try:
                 for result in pool.stream(fn, values(), ordered=args.ordered):
-                    if isinstance(result.error, PreloadError):
-                        raise UsageError(_preload_message(result.error))
+                    stopped = _pool_stopped(result.error, self.done)
+                    if stopped is not None:
+                        raise stopped  # not this input's failure: the run cannot go on
                     line = results.encode_line(origin.pop(result.index), result.input, result.error, result.value)
                     try:
                         output.write(line)
@@ -444,14 +476,11 @@ class _MapRun:
                         self.failures[kind] = self.failures.get(kind, 0) + 1
                     bar.update(1, failed=result.error is not None)
                     interrupts.check()
-            except ForkioError as exc:  # the pool itself stopped (not one input's failure)
-                cause: BaseException = exc
-                while cause.__cause__ is not None and not isinstance(cause, PreloadError):
-                    cause = cause.__cause__
-                if isinstance(cause, PreloadError):
-                    raise UsageError(_preload_message(cause)) from exc
-                why = f" ({type(cause).__name__}: {cause})" if cause is not exc else ""
-                raise RunError(f"the pool stopped after {self.done} inputs: {exc}{why}") from exc
+            except ForkioError as exc:
+                stopped = _pool_stopped(exc, self.done)
+                if stopped is None:
+                    raise
+                raise stopped from exc
             except OSError as exc:
                 if isinstance(exc, BrokenPipeError):
                     raise
@@ -473,8 +502,20 @@ class _MapRun:
         self.earlier_failures = max(0, answers.failed - sum(self.failures.values()))
 
 
-def _preload_message(error: BaseException) -> str:
-    return f"--preload: {error}".replace("forkio zygote: ", "")
+def _pool_stopped(error: BaseException | None, done: int) -> CliError | None:
+    """The error to stop the run with when ``error`` says the pool itself stopped (a preload that
+    fails, workers that cannot start), not that one input failed; None otherwise."""
+    from ._pool import PoolClosed
+    from ._zygote import PreloadError
+
+    cause = error
+    while cause is not None and not isinstance(cause, PreloadError):
+        cause = cause.__cause__
+    if cause is not None:
+        return UsageError(f"--preload: {cause}".replace("forkio zygote: ", ""))
+    if isinstance(error, PoolClosed):
+        return RunError(f"the pool stopped after {done} inputs: {error}")
+    return None
 
 
 def run_map(args: argparse.Namespace) -> int:
