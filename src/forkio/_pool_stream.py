@@ -277,7 +277,9 @@ class _Stream:
         """Submit chunks until the window is full or no more input is ready."""
         source = self.input
         workers = self.options.pool.workers
-        while len(self.in_flight) < self.window:
+        # Chunks finished but held for order count too: a slow first chunk must not let the
+        # others pile up (and the input be read) without bound.
+        while len(self.in_flight) + len(self.ready) < self.window:
             size = self._chunk_size()
             if isinstance(source, _ReadAhead):
                 source.set_limit(size * self.window)
