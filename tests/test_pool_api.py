@@ -23,6 +23,7 @@ import forkio
 import pool_api_tasks as tasks
 from forkio import Pool, SerializationError, TaskResult
 from forkio._pool_stream import run_chunk
+from helpers import wait_until
 
 
 @pytest.fixture
@@ -127,14 +128,8 @@ def test_map_never_iterated_still_runs_every_item(tmp_path: Path, face: str) -> 
 def _await_files(paths: list[str]) -> bool:
     """Whether every path exists within 30 s (the workers make them)."""
     import os
-    import time
 
-    deadline = time.monotonic() + 30
-    while not all(os.path.exists(p) for p in paths):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    return wait_until(lambda: all(os.path.exists(p) for p in paths), 30)
 
 
 @pytest.mark.timeout(90)
