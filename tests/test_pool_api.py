@@ -104,16 +104,19 @@ def test_items_read_run_while_the_input_waits(pool: Pool, face: str) -> None:
 
 # ---- map starts its work at call time, as Executor.map does -----------------------------------------
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("face", ["map", "map-dropped", "map-progress", "imap_unordered", "stream"])
+@pytest.mark.parametrize("face", ["map", "map-dropped", "map-progress", "imap_unordered", "stream",
+                                  "generator-dropped"])
 def test_map_never_iterated_still_runs_every_item(tmp_path: Path, face: str) -> None:
     """Code ported from ProcessPoolExecutor calls pool.map(write_file, files) for its side effects:
     every item runs, and shutdown(wait=True) waits for it, though the result is never iterated
-    (nor kept)."""
-    paths = [str(tmp_path / f"{i}.out") for i in range(200)]
-    pool = Pool(2)
+    (nor kept). An input without a length: its first window (here the whole input) likewise."""
+    paths = [str(tmp_path / f"{i}.out") for i in range(5 if face == "generator-dropped" else 200)]
+    pool = Pool(2)  # (a window of 2 workers x 3 chunks)
     if face == "map-dropped":
         pool.map(tasks.touch, paths)
         gc.collect()
+    elif face == "generator-dropped":
+        pool.map(tasks.touch, (p for p in paths))  # then shutdown() at once: it waits for the reader
     else:
         kept = {"map": lambda: pool.map(tasks.touch, paths),
                 "map-progress": lambda: pool.map(tasks.touch, paths, progress=True),
@@ -121,7 +124,7 @@ def test_map_never_iterated_still_runs_every_item(tmp_path: Path, face: str) -> 
                 "stream": lambda: pool.stream(tasks.touch, paths)}[face]()
     pool.shutdown(wait=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(p).name for p in paths)
-    if face != "map-dropped":
+    if not face.endswith("dropped"):
         assert len(list(kept)) == 200  # and the results are there to iterate after the shutdown
 
 

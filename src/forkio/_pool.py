@@ -256,6 +256,10 @@ class Pool(Executor):
         self._starting = 0
         self.restarts = 0
         self.spare_workers = spare_workers
+        # Streams over an input without a length, not iterated yet, whose reading threads still
+        # dispatch their first window (see _pool_stream._Stream): held here until they have,
+        # dropped or not, and waited for by shutdown().
+        self._streams: set[Any] = set()
         # The manager holds the pool weakly: the callback wakes it when the pool is dropped.
         self._manager = threading.Thread(
             target=_manage, args=(weakref.ref(self, self._wake.poke_dropped), self._selector, self._procs, self._wake),
@@ -348,6 +352,9 @@ class Pool(Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking tasks; finish (or, with ``cancel_futures``, cancel) queued ones; stop the workers."""
+        if wait and not cancel_futures:
+            for stream in list(self._streams):
+                stream.settled.wait()
         with self._wake.lock:
             if not self._closed:
                 self._closed = True

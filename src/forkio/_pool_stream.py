@@ -270,12 +270,19 @@ class _Stream:
         # Until the consumer drives, the reading thread fills (under the lock) as it reads.
         self.driven = not eager
         self.lock = threading.Lock()
+        # Set once the reading thread has dispatched what it may before the consumer comes (a
+        # window, or the whole input if shorter): shutdown(wait=True) waits for that, as it waits
+        # for what was submitted.
+        self.settled = threading.Event()
         self.input: _Sequence | _ReadAhead
+        if self.total is not None or not eager:
+            self.settled.set()
         if self.total is not None:
             self.input = _Sequence(iterable)
         else:
             # The reading thread holds the stream weakly: a stream dropped unread is let go, and
-            # its reader stopped, while what it started runs on.
+            # its reader stopped, while what it started runs on; until its first window is
+            # dispatched, the pool holds it (see settle()).
             ref = weakref.ref(self)
             self.input = _ReadAhead(iterable, lambda: _input_read(ref, notify))
             weakref.finalize(self, self.input.close)
@@ -289,17 +296,33 @@ class _Stream:
         self.ready: dict[int, _Chunk] = {}
         self.next_seq = 0
         if eager:
+            if not self.settled.is_set():
+                options.pool._streams.add(self)
             try:
                 with self.lock:
-                    self.fill()
+                    self.prefill()
             except BaseException:
                 self.cancel()
                 raise
+
+    def prefill(self) -> None:
+        """Before the consumer comes (under ``lock``): dispatch what has been read."""
+        try:
+            self.fill()
+        finally:
+            if self.input.exhausted or len(self.in_flight) + len(self.ready) >= self.window:
+                self.settle()
 
     def drive(self) -> None:
         """The consumer starts iterating: from now on it alone fills the stream."""
         with self.lock:  # waits for a fill under way in the reading thread
             self.driven = True
+        self.settle()
+
+    def settle(self) -> None:
+        """What may be dispatched before the consumer comes has been: let go of the pool."""
+        self.settled.set()
+        self.options.pool._streams.discard(self)
 
     def _chunk_size(self) -> int:
         if self.fixed_chunk is not None:
@@ -395,6 +418,7 @@ class _Stream:
         return released
 
     def cancel(self) -> None:
+        self.settle()
         self.input.close()
         for future in list(self.in_flight):
             future.cancel()
@@ -415,9 +439,9 @@ def _input_read(ref: weakref.ref[_Stream], notify: Callable[[Future[Any] | None]
         with state.lock:
             if not state.driven:
                 try:
-                    state.fill()
+                    state.prefill()
                 except Exception:  # (the pool shut down): the consumer, if it comes, meets it in fill()
-                    pass
+                    state.settle()
                 return
     _quietly(notify, None)
 
@@ -478,7 +502,7 @@ class TaskOptions:
 
         The work starts now, as with ``Executor.map``: an input with a length is dispatched whole
         (``shutdown()`` waits for it, iterated or not); any other is read and dispatched a
-        bounded window ahead. Closing the iterator midway cancels what is still pending. If an
+        bounded window ahead (only that window runs if the iterator is never iterated). Closing the iterator midway cancels what is still pending. If an
         input raises, the results of the items read before that come first, then its error.
         """
         if not iterables:
