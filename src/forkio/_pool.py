@@ -353,8 +353,7 @@ class Pool(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking tasks; finish (or, with ``cancel_futures``, cancel) queued ones; stop the workers."""
         if wait and not cancel_futures:
-            for stream in list(self._streams):
-                stream.settled.wait()
+            self._wait_for_streams()
         with self._wake.lock:
             if not self._closed:
                 self._closed = True
@@ -363,6 +362,11 @@ class Pool(Executor):
                 self._wake.post_locked(("close", cancel_futures))
         if wait and threading.current_thread() is not self._manager:
             self._manager.join()
+
+    def _wait_for_streams(self) -> None:
+        """Streams not iterated yet finish dispatching their first window, to be waited for too."""
+        for stream in list(self._streams):
+            stream.settled.wait()
 
     def terminate(self) -> None:
         """Stop now: cancel every task, kill every worker, wait for them to go."""

@@ -502,8 +502,9 @@ class TaskOptions:
 
         The work starts now, as with ``Executor.map``: an input with a length is dispatched whole
         (``shutdown()`` waits for it, iterated or not); any other is read and dispatched a
-        bounded window ahead (only that window runs if the iterator is never iterated). Closing the iterator midway cancels what is still pending. If an
-        input raises, the results of the items read before that come first, then its error.
+        bounded window ahead (only that window runs if the iterator is never iterated). Closing
+        the iterator midway cancels what is still pending. If an input raises, the results of
+        the items read before that come first, then its error.
         """
         if not iterables:
             raise TypeError("map() needs at least one iterable")
