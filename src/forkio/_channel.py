@@ -262,26 +262,29 @@ class Channel:
 
     def send(self, message: Message, handle: Handle | None = None) -> None:
         """Send one message, blocking while the peer is behind (backpressure)."""
-        codec = self._pickle
-        if handle is None and codec is not None:
+        if handle is None:
             # The hot path, flattened: what ``encode`` and ``send_bytes`` do for a message
-            # without fds, less their calls (a small message costs a few hundred ns more per call).
-            data, shared = codec.encode_message(message, self.zero_copy_threshold, self._reusable)
-            if not shared:
-                with self._send_lock:
-                    if self._closed or self._broken is not None:
-                        self._check_sendable()
-                    try:
-                        self.sock.sendall(data)
-                    except OSError as exc:
-                        raise self._send_failed(exc) from exc
-                    except BaseException as exc:
-                        self._break(exc)
-                        raise
-                return
-            fds = [self._pack(shared, True)]
-        else:
-            data, fds = self.encode(message, handle)
+            # without fds, less their layers of calls (each costs more than the write's own Python).
+            codec = self._pickle
+            if codec is None:
+                data = self.codec.encode(message)
+            else:
+                data, shared = codec.encode_message(message, self.zero_copy_threshold, self._reusable)
+                if shared:
+                    self.send_bytes(data, [self._pack(shared, True)])
+                    return
+            with self._send_lock:
+                if self._closed or self._broken is not None:
+                    self._check_sendable()
+                try:
+                    self.sock.sendall(data)
+                except OSError as exc:
+                    raise self._send_failed(exc) from exc
+                except BaseException as exc:
+                    self._break(exc)
+                    raise
+            return
+        data, fds = self.encode(message, handle)
         if handle is not None and self._node is not None:
             self._node.send_handle(data, fds)
         else:

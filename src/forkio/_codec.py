@@ -590,8 +590,20 @@ class JsonDecoder(_Decoder):
 
     def feed(self, data: bytes | memoryview, fds: Sequence[int] = ()) -> list[Incoming]:
         """Add bytes (and fds); return every complete line decoded."""
-        at = self._arrived(len(data), fds)
         chunk = data if isinstance(data, bytes) else bytes(data)
+        size = len(chunk)
+        if (not fds and not self._buffer and not self._skipping and not self._batches
+                and chunk.find(b"\n") == size - 1 and 1 < size <= self._max):
+            # The common read: exactly one whole line, nothing held back (same rules as ``_line``).
+            try:
+                obj = self._loads(chunk.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                pass  # the long way says why
+            else:
+                if not is_internal(obj):
+                    self._fed += size
+                    return [(obj, _NO_FDS, None, False, None)]
+        at = self._arrived(size, fds)
         out: list[Incoming] = []
         if self._skipping:
             skip = chunk.find(b"\n") + 1
