@@ -4,8 +4,8 @@ Same app (bench/cluster_app.py; Node: bench/cluster_node.js), same worker count,
 generator, contenders alternated in each round; medians over rounds. Needs, in the venv:
 uvicorn uvloop httptools gunicorn uvicorn-worker granian; and autocannon (npm) for req/s:
 
-    npm install --prefix /tmp/bench-node autocannon
-    .venv/bin/python bench/cluster.py --rounds 3 --autocannon /tmp/bench-node/node_modules/.bin/autocannon
+    npm install --prefix "$HOME/bench-node" autocannon
+    .venv/bin/python bench/cluster.py --rounds 3 --autocannon "$HOME/bench-node/node_modules/.bin/autocannon"
 
 Rows: hello req/s (32 keep-alive connections, autocannon), requests per worker max/min (new
 connections / keep-alive), a worker SIGKILLed under ~400 req/s (failed, first answer from a new
@@ -21,10 +21,12 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -264,13 +266,14 @@ def reloads(server: Server) -> tuple[int, int, bool]:
 
 def blocked(server: Server) -> tuple[float | None, int]:
     """GET /block/60 (timeout 5 s where the server has one): seconds until that worker died, other failures."""
-    server.seen |= pids_serving(server.port)
+    current = pids_serving(server.port)  # the workers serving now (not ones a reload is still stopping)
+    server.seen |= current
     sent = time.monotonic()
     threading.Thread(target=_try, args=(server.port, "/block/60"), daemon=True).start()
     time.sleep(0.3)  # let the blocking request reach its worker before the load starts
     load = Load(server.port, rate=100, threads=2, seconds=14)
     time.sleep(0.5)
-    stuck = {p for p in server.seen if alive(int(p))} - {body for _, body in load.ok}
+    stuck = current - {body for _, body in load.ok}
     waited_from = time.monotonic()
     died = wait_until(lambda: any(not alive(int(p)) for p in stuck), 13, 0.02) if stuck else None
     load.finish()
@@ -324,11 +327,11 @@ def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("--rounds", type=int, default=3)
     cli.add_argument("--seconds", type=int, default=5, help="autocannon duration")
-    cli.add_argument("--autocannon", default=None)
+    cli.add_argument("--autocannon", default=shutil.which("autocannon"), help="default: autocannon on PATH")
     cli.add_argument("--only", nargs="*", default=["forkio", "gunicorn", "uvicorn", "granian", "node"])
     cli.add_argument("--modes", action="store_true", help="also forkio --no-reuse-port (one shared socket)")
     cli.add_argument("--skip", nargs="*", default=[], help="rows to skip: kill reload block primary sigint ttin")
-    cli.add_argument("--logs", default="/tmp/forkio-bench-cluster")
+    cli.add_argument("--logs", default=os.path.join(tempfile.gettempdir(), "forkio-bench-cluster"))
     args = cli.parse_args()
     names = list(args.only) + (["forkio-shared"] if args.modes else [])
     log_dir = Path(args.logs)

@@ -28,13 +28,30 @@ def _live_children() -> list[psutil.Process]:
     return alive
 
 
+# Processes a fixture keeps running on purpose across tests (a Dask LocalCluster's workers): see keep_processes.
+_kept: set[int] = set()
+
+
 def _long_lived() -> set[int]:
-    """Processes forkio keeps on purpose between tests (the zygote, when there is one)."""
+    """Processes kept on purpose between tests: forkio's zygote, those a fixture registered, and the
+    multiprocessing resource tracker (the stdlib's per-process helper, started by a spawn, never stopped)."""
+    keep = set(_kept)
+    tracker = sys.modules.get("multiprocessing.resource_tracker")
+    pid = getattr(getattr(tracker, "_resource_tracker", None), "_pid", None)
+    if pid is not None:
+        keep.add(pid)
     try:
         from forkio import _zygote  # type: ignore[attr-defined]
     except ImportError:
-        return set()
-    return set(getattr(_zygote, "long_lived_pids", lambda: set())())
+        return keep
+    return keep | set(getattr(_zygote, "long_lived_pids", lambda: set())())
+
+
+@pytest.fixture(scope="session")
+def keep_processes() -> set[int]:
+    """The pids a longer-lived fixture keeps running on purpose (add them when it starts them, discard
+    them when it stops them): the leak check does not count them. Their own children still count."""
+    return _kept
 
 
 @pytest.fixture(autouse=True)

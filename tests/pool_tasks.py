@@ -162,9 +162,13 @@ def in_band(arr: Any) -> bool:
 # ---- for the hardening tests ---------------------------------------------------------------
 def fail_on_init_number(counter_file: str, bad: int) -> None:
     """An initializer that fails only in the ``bad``-th worker started (a passing failure)."""
-    path = Path(counter_file)
-    count = int(path.read_text()) + 1 if path.exists() else 1
-    path.write_text(str(count))
+    import fcntl
+
+    with open(counter_file, "a+") as f:  # workers start together: count under a lock
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        count = len(f.read()) + 1
+        f.write("x")
     if count == bad:
         raise RuntimeError(f"transient initializer failure (worker #{count})")
 

@@ -337,3 +337,18 @@ def test_sigterm_while_workers_boot_stops_them(tmp_path: Path) -> None:
     app.wait_for(lambda: app.err.count("started") >= 2, within=20)
     app.proc.send_signal(signal.SIGTERM)
     assert app.proc.wait(15) == 0
+
+
+@pytest.mark.timeout(90)
+def test_the_lower_level_without_run(tmp_path: Path) -> None:
+    """setup_primary(wait_ready), fork(), workers, ready(), reload(), worker.kill(), scale(): as Node's."""
+    result = subprocess.run([sys.executable, str(APP.parent / "cluster_lowlevel.py"), str(free_port())],
+                            capture_output=True, text=True, timeout=80)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "workers [1, 2]" in out
+    assert "exit 1 code=0 signal=None asked=True" in out and "exit 2 code=0 signal=None asked=True" in out
+    assert "after reload [3, 4]" in out
+    assert "exit 3 code=0 signal=None asked=True" in out
+    assert "after kill [4, 5]" in out
+    assert "after scale 1" in out and out.rstrip().endswith("done")

@@ -188,3 +188,15 @@ def test_serve_an_app_that_cannot_import_stops_with_one_line_and_status_1(tmp_pa
             if line.startswith("forkio cluster:") and line.endswith("stopping") and "worker(s)" not in line]
     assert len(ours) == 1, result.stderr
     assert ("no_such_module_here" in ours[0]) if preload else ("died at boot" in ours[0])
+
+
+def test_the_cluster_public_names_exist_and_are_documented() -> None:
+    """Every name in forkio.cluster.__all__ exists; the callables and classes say what they do."""
+    import forkio
+
+    assert forkio.cluster is cluster
+    for name in cluster.__all__:
+        obj = getattr(cluster, name)
+        if callable(obj):
+            assert (obj.__doc__ or "").strip(), f"forkio.cluster.{name} has no docstring"
+    assert issubclass(cluster.ClusterError, forkio.ForkioError)

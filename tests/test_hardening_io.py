@@ -310,3 +310,23 @@ def test_posix_shm_fallback_unlinks_with_signals_blocked(monkeypatch: pytest.Mon
         assert set(os.listdir("/dev/shm")) == before
     finally:
         os.close(fd)
+
+
+def test_receiver_seals_a_sealable_segment_before_mapping_it() -> None:
+    """A memfd that allows sealing but came unsealed is sealed by the receiver, then mapped: the
+    sender can no longer shrink it under the receiver's mapping."""
+    import fcntl
+
+    fd = os.memfd_create("peer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, MB)
+    os.pwrite(fd, b"\x07" * MB, 0)
+    keep = os.dup(fd)
+    try:
+        view = _shm.Inbox().map(fd, False)  # takes fd
+        assert fcntl.fcntl(keep, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        with pytest.raises(PermissionError):
+            os.ftruncate(keep, 0)
+        assert bytes(view).count(7) == MB
+        view.release()
+    finally:
+        os.close(keep)

@@ -232,11 +232,11 @@ def test_process_pool_executor_names_are_accepted() -> None:
 
 
 def test_errors_name_the_option_as_it_was_given() -> None:
-    with pytest.raises(ValueError, match=r"^max_workers must be at least 1"):
+    with pytest.raises(ValueError, match=r"^max_workers must be greater than 0$"):
         Pool(max_workers=0)
-    with pytest.raises(ValueError, match=r"^max_tasks_per_child must be at least 1"):
+    with pytest.raises(ValueError, match=r"^max_tasks_per_child must be greater than 0$"):
         Pool(max_tasks_per_child=0)
-    with pytest.raises(ValueError, match=r"^workers must be at least 1"):
+    with pytest.raises(ValueError, match=r"^workers must be greater than 0$"):
         Pool(0)
 
 
@@ -266,39 +266,42 @@ def test_an_unpicklable_argument_error_has_no_cloudpickle_hint(pool: Pool) -> No
 
 # ---- item: multiprocessing objects reach the workers -------------------------------------------------
 _MP_SCRIPT = """
-import multiprocessing as mp
 import sys
 
 import forkio
 import pool_api_tasks as tasks
 
 
-def from_main(d):  # a function of __main__, run where multiprocessing was imported first
+def from_main(d):  # a function of __main__, run in a worker that has imported multiprocessing
     d["main"] = 1
     return True
 
 
 if __name__ == "__main__":
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        d = manager.dict()
-        with forkio.Pool(1) as pool:
+    assert "multiprocessing" not in sys.modules
+    with forkio.Pool(1) as pool:
+        assert pool.submit(tasks.square, 3).result(timeout=30) == 9  # a worker started before any Manager
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with ctx.Manager() as manager:
+            d = manager.dict()
             assert pool.submit(tasks.set_item, d, "forkio", 42).result(timeout=30) == ["forkio"]
             assert pool.submit(from_main, d).result(timeout=30)
-        assert dict(d) == {"forkio": 42, "main": 1}, dict(d)
-        q = ctx.Queue()
-        with forkio.Pool(2, initializer=tasks.keep, initargs=(q,), max_tasks_per_worker=1) as pool:
-            for i in range(4):  # respawned workers get the queue too
-                assert pool.submit(tasks.put_in_kept, i).result(timeout=30)
-            assert sorted(q.get(timeout=30) for _ in range(4)) == [0, 1, 2, 3]
-        q.close()
-        q.join_thread()
-        try:
-            forkio.Pool(1, initializer=tasks.keep, initargs=(mp.get_context("fork").Queue(),))
-        except forkio.SerializationError as exc:
-            assert "get_context('spawn')" in str(exc) and "Manager()" in str(exc), exc
-        else:
-            raise AssertionError("a fork-context queue was accepted")
+            assert dict(d) == {"forkio": 42, "main": 1}, dict(d)
+    q = ctx.Queue()
+    with forkio.Pool(2, initializer=tasks.keep, initargs=(q,), max_tasks_per_worker=1) as pool:
+        for i in range(4):  # respawned workers get the queue too
+            assert pool.submit(tasks.put_in_kept, i).result(timeout=30)
+        assert sorted(q.get(timeout=30) for _ in range(4)) == [0, 1, 2, 3]
+    q.close()
+    q.join_thread()
+    try:
+        forkio.Pool(1, initializer=tasks.keep, initargs=(mp.get_context("fork").Queue(),))
+    except forkio.SerializationError as exc:
+        assert "get_context('spawn')" in str(exc) and "Manager()" in str(exc), exc
+    else:
+        raise AssertionError("a fork-context queue was accepted")
     print("all good")
 """
 
@@ -320,6 +323,8 @@ def test_initializer_fds_are_closed_with_the_pool() -> None:
 
     ctx = multiprocessing.get_context("spawn")
     reader, writer = ctx.Pipe(duplex=False)
+    with Pool(1) as warm:  # what stays for good (a zygote's socket) is there before counting
+        warm.submit(tasks.square, 1).result(timeout=30)
     before = len(os.listdir("/proc/self/fd"))
     with Pool(1, initializer=tasks.keep, initargs=(writer,)) as p:
         assert len(p._init_fds) == 1

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ._aprocess import AsyncParent as AsyncParent
     from ._aprocess import afork as afork
     from ._aprocess import aparent as aparent
+    from ._dask._errors import WorkerLost as WorkerLost
     from ._pool import BrokenPool as BrokenPool
     from ._pool import Pool as Pool
     from ._pool import PoolClosed as PoolClosed
@@ -66,6 +67,7 @@ _LAZY = {
     "ZygoteError": "._zygote",
     "get_preload": "._zygote",
     "set_preload": "._zygote",
+    "WorkerLost": "._dask._errors",
 }
 
 
@@ -104,6 +106,7 @@ __all__ = [
     "TaskTimeout",
     "WaitTimeout",
     "WorkerCrashed",
+    "WorkerLost",
     "ZygoteError",
     "afork",
     "aparent",

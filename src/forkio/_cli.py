@@ -113,6 +113,9 @@ def add_map_command(commands: Any) -> argparse.ArgumentParser:
                      help="stop an input that runs longer than this (its worker is replaced; inf: no limit)")
     cmd.add_argument("--retries", type=non_negative_int, default=0, metavar="N",
                      help="run an input again this many times if its worker crashes or it times out")
+    cmd.add_argument("--cluster", metavar="ADDRESS", default=None,
+                     help="run on a Dask cluster, e.g. tcp://scheduler:8786 (needs forkio[dask]; "
+                          "the function's module must be importable on the Dask workers)")
     cmd.add_argument("--preload", action="append", default=[], metavar="MODULE",
                      help="import MODULE in the workers up front (repeatable)")
     cmd.add_argument("--ordered", action="store_true", help="write results in input order (default: as done)")
@@ -366,6 +369,18 @@ class _Output:
             sys.stdout = self._saved_stdout
 
 
+def _check_cluster(args: argparse.Namespace) -> None:
+    """``--cluster``: usage errors before anything runs (one line, status 2)."""
+    from ._dask import DaskNotInstalled, pool_class
+
+    if args.workers:
+        raise UsageError("-j/--workers does not go with --cluster: the Dask workers' threads are the workers")
+    try:
+        pool_class()
+    except DaskNotInstalled as exc:
+        raise UsageError(str(exc)) from None
+
+
 class _MapRun:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -393,6 +408,8 @@ class _MapRun:
             raise UsageError("--resume needs --output FILE (the results to resume from)")
         if args.retry_failed and not args.resume:
             raise UsageError("--retry-failed goes with --resume")
+        if args.cluster:
+            _check_cluster(args)
         output = _Output()
         try:
             fn = load_function(args.function)
@@ -432,8 +449,13 @@ class _MapRun:
 
         bar = ProgressBar(total, description="forkio map", enabled=args.progress)
         # Workers import the function's module as they start, so --timeout counts the work, not the import.
-        pool = Pool(args.workers, task_timeout=args.timeout, retries=args.retries, preload=tuple(args.preload),
-                    initializer=importlib.import_module, initargs=(fn.__module__,))
+        try:
+            pool = Pool(args.workers, task_timeout=args.timeout, retries=args.retries, preload=tuple(args.preload),
+                        initializer=importlib.import_module, initargs=(fn.__module__,), cluster=args.cluster)
+        except OSError as exc:
+            if not args.cluster:
+                raise
+            raise RunError(f"cannot reach the Dask cluster at {args.cluster}: {exc}") from None
         try:
             try:
                 for result in pool.stream(fn, values(), ordered=args.ordered):

@@ -633,9 +633,26 @@ class JsonDecoder(_Decoder):
         else:
             line_at = at
             lines = chunk[:last]
+        loads = self._loads
         for line in lines.split(b"\n"):
-            self._line(line, line_at, out)
-            line_at += len(line) + 1
+            at_line, line_at = line_at, line_at + len(line) + 1
+            if len(line) > self._max or not line.strip():
+                if line.strip():
+                    self._refuse_long_line(out)
+                continue  # Node never sends blank lines; tolerate them rather than fail
+            try:
+                obj = loads(line.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                # RecursionError: nested deeper than the interpreter recurses (a hostile line).
+                err = ProtocolError(f"peer sent a line that is not JSON ({type(exc).__name__}): {line[:80]!r}")
+                err.__cause__ = exc
+                out.append((None, _NO_FDS, None, False, err))
+                continue
+            if is_internal(obj):
+                fds_for = self._claim(at_line, 1) if obj["cmd"] == "NODE_HANDLE" else []
+                out.append((obj, fds_for, obj.get("type") if fds_for else None, True, None))
+            else:
+                out.append((obj, _NO_FDS, None, False, None))
         if last + 1 < len(chunk):
             self._head = at + last + 1
             if len(chunk) - last - 1 > self._max:
@@ -654,26 +671,6 @@ class JsonDecoder(_Decoder):
 
     def _refuse_long_line(self, out: list[Incoming]) -> None:
         out.append((None, _NO_FDS, None, False, ProtocolError(f"message line longer than max_frame_size={self._max}")))
-
-    def _line(self, line: bytes, at: int, out: list[Incoming]) -> None:
-        if not line.strip():
-            return  # Node never sends blank lines; tolerate them rather than fail
-        if len(line) > self._max:
-            self._refuse_long_line(out)
-            return
-        try:
-            obj = self._loads(line.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            # RecursionError: nested deeper than the interpreter recurses (a hostile line).
-            err = ProtocolError(f"peer sent a line that is not JSON ({type(exc).__name__}): {line[:80]!r}")
-            err.__cause__ = exc
-            out.append((None, _NO_FDS, None, False, err))
-            return
-        if is_internal(obj):
-            fds_for = self._claim(at, 1) if obj["cmd"] == "NODE_HANDLE" else []
-            out.append((obj, fds_for, obj.get("type") if fds_for else None, True, None))
-        else:
-            out.append((obj, _NO_FDS, None, False, None))
 
 
 Codec = PickleCodec | JsonCodec

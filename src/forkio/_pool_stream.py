@@ -70,20 +70,15 @@ def run_chunk(fn: Callable[..., Any], items: list[Any], star: bool) -> tuple[lis
     started = time.perf_counter()
     errors: dict[int, bytes] = {}
     values: list[Any] = []
-    append = values.append
     remaining = iter(items)
     while True:
-        # The loops resume after a failed item: a failure costs one exception, not a rerun.
+        # extend() keeps what it got before an item raised, and the shared iterator resumes
+        # after that item: a failure costs one exception, never a rerun of the items before it.
         try:
-            if star:
-                for item in remaining:
-                    append(fn(*item))
-            else:
-                for item in remaining:
-                    append(fn(item))
+            values.extend(itertools.starmap(fn, remaining) if star else map(fn, remaining))
         except BaseException as exc:
             errors[len(values)] = encode_error(exc)
-            append(None)
+            values.append(None)
             continue
         return values, errors, time.perf_counter() - started
 
@@ -110,14 +105,13 @@ class _Chunk:
         for pos in range(len(values)):
             yield TaskResult(self.start + pos, items.pop(), values.pop(), errors.pop(pos, None))
 
-    def values_or_raise(self) -> Iterator[Any]:
-        """The values in order; an item's error is raised when its turn comes."""
+    def take_values(self) -> tuple[Iterator[Any], BaseException | None]:
+        """The values in order up to the first failed item, and that item's error (or None)."""
         values, errors = self.values, self.errors
-        values.reverse()
-        for pos in range(len(values)):
-            if pos in errors:
-                raise errors[pos]
-            yield values.pop()
+        first = min(errors) if errors else None
+        values.reverse()  # popped one by one, in C: no frame of ours holds a value handed out
+        return map(values.pop, itertools.repeat(-1, len(values) if first is None else first)), (
+            None if first is None else errors[first])
 
 
 class _Sequence:
@@ -146,14 +140,17 @@ class _ReadAhead:
     """Any other input (generators, files, pipes): read by a thread, a bounded distance ahead.
 
     ``wake`` is called (from the reading thread) once items the consumer waits for have
-    arrived, and when the input ends.
+    arrived, and when the input ends. Items pass through a deque without a lock (one thread
+    appends, one pops); the lock is only for the rare moments one side waits for the other.
     """
 
     def __init__(self, iterable: Iterable[Any], wake: Callable[[], None]) -> None:
         self._buffer: deque[Any] = deque()
         self._cond = threading.Condition(threading.Lock())
-        self.limit = 1  # read ahead until the buffer holds this many
-        self._want = 0  # the consumer waits until the buffer holds this many (0: not waiting)
+        self._limit = 1  # read ahead until the buffer holds this many
+        self._want = 0  # the consumer waits until the buffer holds this many (0: it is not waiting)
+        self._attention = 1  # the reader looks up at this many: min(limit, want); 0 once stopped
+        self._space_wanted = False  # the reader waits for the consumer to take some
         self._ended = False
         self._stopped = False
         self.error: BaseException | None = None
@@ -162,58 +159,79 @@ class _ReadAhead:
                          daemon=True).start()
 
     def _read(self, items: Iterator[Any]) -> None:
-        buffer, cond = self._buffer, self._cond
+        buffer = self._buffer
+        append = buffer.append
         try:
-            while True:
-                with cond:
-                    while len(buffer) >= self.limit and not self._stopped:
-                        cond.wait()
-                    if self._stopped:
-                        return
-                item = next(items, _END)
-                if item is _END:
-                    break
-                with cond:
-                    buffer.append(item)
-                    wake = 0 < self._want <= len(buffer)
-                    if wake:
-                        self._want = 0
-                del item
-                if wake:
-                    self._wake()
+            for item in items:
+                append(item)
+                if len(buffer) >= self._attention and not self._attend():
+                    return
         except BaseException as exc:  # raised to the consumer once the items before it are done
             self.error = exc
-        with cond:
+        with self._cond:
             self._ended = True
-            stopped = self._stopped
-        if not stopped:
-            self._wake()
+            if self._stopped:
+                return
+        self._wake()
+
+    def _attend(self) -> bool:
+        """A threshold is reached: wake the consumer, wait for room; False once stopped."""
+        buffer, cond = self._buffer, self._cond
+        with cond:
+            if 0 < self._want <= len(buffer):
+                self._want = 0
+                self._wake()  # before waiting for room: the consumer may be what frees it
+            # Flag first, then look: a consumer that took items before seeing the flag has
+            # made the room this check sees (see take()).
+            while not self._stopped:
+                self._space_wanted = True
+                if len(buffer) < self._limit:
+                    break
+                cond.wait()
+            self._space_wanted = False
+            self._attention = 0 if self._stopped else min(self._limit, self._want or self._limit)
+            return not self._stopped
+
+    def set_limit(self, limit: int) -> None:
+        if limit != self._limit:
+            with self._cond:
+                self._limit = limit
+                self._attention = 0 if self._stopped else min(limit, self._want or limit)
+                self._cond.notify()
 
     @property
     def exhausted(self) -> bool:
         return self._ended and not self._buffer
 
     def take(self, n: int, partial: bool) -> list[Any]:
-        """Up to ``n`` items: ``n`` if read already; fewer with ``partial`` or at the end; else none."""
-        with self._cond:
-            buffer = self._buffer
+        """Up to ``n`` items: ``n`` if read already; fewer with ``partial`` or at the end; else none
+        (and the consumer is woken when there are)."""
+        buffer = self._buffer
+        while True:
             if len(buffer) >= n or (buffer and (partial or self._ended)):
-                items = [buffer.popleft() for _ in range(min(n, len(buffer)))]
-                self._cond.notify()
+                items = list(map(deque.popleft, itertools.repeat(buffer, min(n, len(buffer)))))
+                if self._space_wanted:
+                    with self._cond:
+                        self._cond.notify()
                 return items
-            if not self._ended:
-                self._want = 1 if partial else n
-                self._cond.notify()
-            return []
+            with self._cond:
+                if self._ended:
+                    if not buffer:
+                        return []
+                    continue
+                want = 1 if partial else n
+                if len(buffer) >= want:
+                    continue  # arrived meanwhile
+                self._want = want
+                self._attention = min(self._limit, want)
+                return []
 
     def close(self) -> None:
         with self._cond:
             self._stopped = True
+            self._attention = 0
             self._buffer.clear()
             self._cond.notify()
-
-
-_END: Any = object()
 
 
 class _Stream:
@@ -262,7 +280,7 @@ class _Stream:
         while len(self.in_flight) < self.window:
             size = self._chunk_size()
             if isinstance(source, _ReadAhead):
-                source.limit = size * self.window
+                source.set_limit(size * self.window)
             # A short chunk goes out only while a worker would otherwise idle: a slow input
             # must not hold back what has been read, a fast one still fills whole chunks.
             items = source.take(size, partial=len(self.in_flight) < workers)
@@ -477,7 +495,10 @@ def _values(chunks: Iterator[_Chunk]) -> Iterator[Any]:
     """Whole chunks' values in order (no per-item objects); closing it cancels what is in flight."""
     try:
         for chunk in chunks:
-            yield from chunk.values_or_raise()
+            values, error = chunk.take_values()
+            yield from values
+            if error is not None:
+                raise error
     finally:
         chunks.close()  # type: ignore[attr-defined]
 
@@ -495,8 +516,9 @@ def check_count(name: str, value: Any, minimum: int) -> int:
         number = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
-    if number < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, not {number}")
+    if number < minimum:  # (worded as ProcessPoolExecutor words it for max_workers)
+        raise ValueError(f"{name} must be greater than {minimum - 1}" if minimum > 0
+                         else f"{name} must not be negative")
     return number
 
 

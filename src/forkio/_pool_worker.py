@@ -192,12 +192,27 @@ def _refuse_fork_context_locks(obj: Any) -> None:
 
 _main_path: str | None = None
 _main_loaded = False
+_authkey: bytes | None = None  # the caller's multiprocessing authkey, until it is adopted
+
+
+def _adopt_authkey() -> None:
+    """Take the caller's multiprocessing authkey, as multiprocessing's children do, so that Manager
+    proxies in tasks can connect. Done when a payload names multiprocessing: importing it in every
+    worker would slow every start."""
+    global _authkey
+    import multiprocessing.process
+
+    if _authkey is not None:
+        multiprocessing.process.current_process().authkey = _authkey
+        _authkey = None
 
 
 def loads(payload: bytes, buffers: list[Any] | None = None) -> Any:
     """Unpickle a task. Functions from the caller's ``__main__`` are found by loading its main
     script here under the name ``__mp_main__`` (as multiprocessing does), on first need."""
     global _main_loaded
+    if _authkey is not None and b"multiprocessing" in payload:
+        _adopt_authkey()
     try:
         return pickle.loads(payload, buffers=buffers)
     except AttributeError:
@@ -416,10 +431,8 @@ def main() -> None:
     _worker.report_rss = report_rss
     _worker.started = memoryview(mmap.mmap(counter_fd, 8)).cast("Q")
     os.close(counter_fd)
-    if authkey is not None:  # the caller uses multiprocessing: be its child there too (Manager proxies)
-        import multiprocessing.process
-
-        multiprocessing.process.current_process().authkey = authkey
+    global _authkey
+    _authkey = authkey
     _hide_channel_from_tasks()
     try:
         initializer, initargs = loads(initializer_payload)

@@ -36,6 +36,7 @@ def serve() -> None:
     server = Server(sock.getsockname(), Handler, bind_and_activate=False)
     server.socket.close()
     server.socket = sock
+    cluster.heartbeat()  # watched from now on (the loop's first turn may already block)
     print(f"listening {cluster.worker}", flush=True)
     server.serve_forever(poll_interval=0.05)
     server.server_close()

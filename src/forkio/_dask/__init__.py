@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._errors import DaskNotInstalled
+from ._errors import DaskNotInstalled as DaskNotInstalled
 
 if TYPE_CHECKING:
     from ._client import DaskPool

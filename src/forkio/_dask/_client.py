@@ -19,10 +19,13 @@ does everything else, so neither the caller nor Dask's event loop ever waits on 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import pickle
 import queue
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -30,12 +33,13 @@ from concurrent.futures import Future
 from typing import Any
 
 from distributed import Client, KilledWorker
-from distributed import Future as DaskFuture
 
 from .._errors import SerializationError
 from .._pool import Pool, PoolClosed, TaskFuture, _decode_error
 from ._errors import WorkerLost
 from ._worker import MESSAGES_TOPIC, ForkioPlugin, cancel_tasks, close_pool, refuse_new, run_task, stats
+
+GATHER_EVERY = 0.005  # seconds: while results stream in, fetch them at most this often (in bulk)
 
 
 class _Record:
@@ -53,7 +57,7 @@ class _Record:
         self.on_message = on_message
         self.future: DaskTaskFuture | None = None
         self.wire = 0
-        self.dask: DaskFuture | None = None
+        self.dask: Any = None  # a distributed.Future (Dask is typed only in part: Any here)
 
 
 class DaskTaskFuture(TaskFuture):
@@ -77,11 +81,13 @@ class DaskTaskFuture(TaskFuture):
 class _Hub:
     """Per Dask client: the event subscriptions every pool on it shares (Dask allows one handler a topic)."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Any) -> None:
         self.client = client
         self.pools: dict[str, DaskPool] = {}
         # Someone else's handler of the scheduler's "all" topic keeps receiving its events.
-        self.previous = getattr(client, "_event_handlers", {}).get("all")
+        previous = getattr(client, "_event_handlers", {}).get("all")
+        # unsubscribe_topic() leaves the handler in place: an earlier hub's is no one's to chain to.
+        self.previous = None if isinstance(getattr(previous, "__self__", None), _Hub) else previous
         client.subscribe_topic(MESSAGES_TOPIC, self._on_message)
         client.subscribe_topic("all", self._on_all)
 
@@ -114,7 +120,7 @@ class _Hub:
             pass
 
 
-_hubs: weakref.WeakKeyDictionary[Client, _Hub] = weakref.WeakKeyDictionary()
+_hubs: weakref.WeakKeyDictionary[Any, _Hub] = weakref.WeakKeyDictionary()
 _hubs_lock = threading.Lock()
 
 
@@ -152,15 +158,18 @@ class DaskPool(Pool):
         if spare_workers < 0:
             raise ValueError("spare_workers must be >= 0")
         self._owns_client = not isinstance(cluster, Client)
-        self.client: Client = Client(cluster, set_as_default=False) if self._owns_client else cluster
+        self.client: Any = (Client(cluster, set_as_default=False)  # type: ignore[no-untyped-call]
+                            if self._owns_client else cluster)
         self.key = uuid.uuid4().hex[:12]
         self.workers = max(1, sum(self.client.nthreads().values()))
         self.restarts = 0
         self._wires = itertools.count(1)
         self._live: dict[int, _Record] = {}  # by wire id, until resolved
-        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._closed = False
         self._broken = None
+        self._lock = threading.Lock()
+        self._last_gather = 0.0
         self.client.register_plugin(ForkioPlugin(), name="forkio")
         with _hubs_lock:
             hub = _hubs.get(self.client)
@@ -174,11 +183,14 @@ class DaskPool(Pool):
     # ---- the caller's side ------------------------------------------------------------------
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 timeout: float | None, retries: int, on_message: Callable[[Any], None] | None) -> TaskFuture:
-        if self._closed:
-            raise PoolClosed("cannot submit to a pool that is shut down")
         record = _Record(fn, args, kwargs, timeout, retries, on_message)
         future = record.future = DaskTaskFuture(self, record)
-        self._launch(record)
+        with self._lock:
+            # Under the lock shutdown() takes: a task is either known before the pump is told to
+            # close, and settled, or refused here. None is left behind.
+            if self._closed:
+                raise PoolClosed("cannot submit to a pool that is shut down")
+            self._launch(record)
         return future
 
     def _launch(self, record: _Record) -> None:
@@ -202,22 +214,24 @@ class DaskPool(Pool):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking tasks; finish (or, with ``cancel_futures``, cancel) queued ones; stop the forkio children."""
-        if not self._closed:
-            self._closed = True
-            self._post(("close", cancel_futures))
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._post(("close", cancel_futures))
         if wait and threading.current_thread() is not self._manager:
             self._manager.join()
 
     def terminate(self) -> None:
         """Stop now: cancel every task, running ones included; the Dask workers' forkio children go."""
-        self._closed = True
-        self._post(("terminate",))
+        with self._lock:
+            self._closed = True
+            self._post(("terminate",))
         if threading.current_thread() is not self._manager:
             self._manager.join()
 
     def stats(self) -> list[dict[str, Any]]:
         """Per forkio child on each Dask worker: the local pool's row, with ``dask_worker`` its address."""
-        rows = []
+        rows: list[dict[str, Any]] = []
         for address, local_rows in self.client.run(stats, self.key).items():
             rows.extend({**row, "dask_worker": address} for row in local_rows)
         return rows
@@ -228,19 +242,14 @@ class DaskPool(Pool):
                f"in_flight={len(self._live)}>"
 
     def _post(self, command: tuple[Any, ...]) -> None:
-        self._inbox.put(command)
+        self._commands.put(command)
 
     # ---- the pump thread ------------------------------------------------------------------------
     def _pump(self) -> None:
         closing: bool | None = None  # None: open; False: draining; True: terminate
         try:
             while True:
-                commands = [self._inbox.get()]
-                while True:  # take all that is there: results are fetched, cancels sent, in bulk
-                    try:
-                        commands.append(self._inbox.get_nowait())
-                    except queue.Empty:
-                        break
+                commands = self._take_commands()
                 done, cancels = [], []
                 for command in commands:
                     kind = command[0]
@@ -269,9 +278,29 @@ class DaskPool(Pool):
                 self._settle(record, None, None)
             self._teardown(bool(closing))
 
-    def _finish(self, done: list[tuple[_Record, DaskFuture]]) -> None:
+    def _take_commands(self) -> list[tuple[Any, ...]]:
+        """What there is to do: all that is queued (results fetched, cancels sent, in bulk). While
+        results keep coming, wait up to ``GATHER_EVERY`` since the last fetch, to fetch more at once:
+        each fetch is a round trip through the scheduler, and plain Dask users fetch in bulk too."""
+        commands = [self._commands.get()]
+        until = self._last_gather + GATHER_EVERY
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            wait = until - time.monotonic()
+            if wait <= 0 or not any(c[0] == "done" for c in commands):
+                return commands
+            try:
+                commands.append(self._commands.get(timeout=wait))
+            except queue.Empty:
+                return commands
+
+    def _finish(self, done: list[tuple[_Record, Any]]) -> None:
         """Dask futures that finished: fetch the results of all of them at once, settle their tasks."""
-        ready: list[tuple[_Record, DaskFuture]] = []
+        ready: list[tuple[_Record, Any]] = []
         for record, dask in done:
             if record.dask is not dask:
                 continue  # a superseded attempt (its worker was lost; it was submitted again)
@@ -287,6 +316,7 @@ class DaskPool(Pool):
                 self._settle(record, None, None)
         if not ready:
             return
+        self._last_gather = time.monotonic()
         try:
             outcomes = self.client.gather([dask for _, dask in ready])
         except Exception:
@@ -350,12 +380,17 @@ class DaskPool(Pool):
         dasks = [r.dask for r in records if r.dask is not None]
         for record in records:
             self._settle(record, None, None)
-        try:
-            if dasks:
-                self.client.cancel(dasks)
-            self.client.run(cancel_tasks, self.key, wires)
-        except Exception:  # the cluster is going away: its tasks go with it
-            pass
+        # In the background: a broadcast may wait (up to Dask's connect timeout) on a worker that just died.
+        if dasks:
+            self._background(self.client.cancel(dasks, asynchronous=True))
+        self._background(self.client.run(cancel_tasks, self.key, wires, asynchronous=True))
+
+    def _background(self, coroutine: Any) -> None:
+        async def run() -> None:
+            with contextlib.suppress(Exception):  # the cluster is going away: its tasks go with it
+                await coroutine
+
+        asyncio.run_coroutine_threadsafe(run(), self.client.loop.asyncio_loop)
 
     def _cancel_queued(self, cancels: list[_Record]) -> None:
         """``shutdown(cancel_futures=True)``: every worker refuses new tasks; what is not running is cancelled."""

@@ -11,10 +11,10 @@ child), ``("error", forkio error)`` (crash, timeout...) or ``("cancelled",)``.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import threading
 from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from .. import _zygote
 from .._errors import ForkioError
 from .._pool import Pool, RemoteError, RemoteTraceback
 from .._pool_worker import OK, dumps, encode_error
@@ -69,7 +70,9 @@ def run_task(key: str, settings: dict[str, Any], wire: int, fn: Any, args: tuple
         local.running[wire] = future
     del fn, args, kwargs  # the local pool holds what it needs; big arguments go as soon as they are sent
     try:
-        wait_futures([future])
+        # Not concurrent.futures.wait(): it never wakes for a future cancelled outside an executor.
+        with contextlib.suppress(BaseException):
+            future.exception()
         return _outcome(future)
     finally:
         with _lock:
@@ -135,6 +138,10 @@ def close_pool(key: str, terminate: bool) -> None:
         local.pool.terminate()
     else:
         local.pool.shutdown(wait=True)
+    with _lock:
+        last = not _pools
+    if last:  # no pool of ours left here: nothing of forkio stays on the Dask worker, not even a zygote
+        _zygote._close_all()
 
 
 def stats(key: str) -> list[dict[str, Any]]:

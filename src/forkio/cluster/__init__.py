@@ -49,6 +49,7 @@ __all__ = [
     "reload",
     "run",
     "scale",
+    "setup_primary",
     "worker",
     "workers",
 ]
@@ -204,7 +205,8 @@ class _NoFuture:
 def fork(env: dict[str, str] | None = None) -> Worker:
     """In the primary: start one more worker (running this program again) and return it.
 
-    It is kept: if it dies it is replaced, unless the primary asked it to stop.
+    Once ``run()`` or ``scale()`` set a number of workers, a forked worker adds one to it
+    (and is replaced when it dies); before, nothing is replaced, as in Node.
     """
     supervisor = _primary()
 
@@ -237,6 +239,19 @@ def on(event: str, callback: Listener | None = None) -> Any:
     else:
         _supervisor.events.on(event, callback)
     return callback
+
+
+def setup_primary(*, timeout: float | None = 30.0, graceful_timeout: float = 30.0, reuse_port: bool | None = None,
+                  wait_ready: bool = False, preload: Sequence[str] = (), env: dict[str, str] | None = None,
+                  log: bool = True) -> None:
+    """In the primary, before the first ``fork()``: the settings ``run()`` takes (Node's ``setupPrimary``)."""
+    if _side is not None:
+        raise ClusterError("cluster.setup_primary() is for the primary")
+    if _supervisor is not None and not _supervisor.done.is_set():
+        raise ClusterError("cluster.setup_primary() must come before the first fork()")
+    settings = Settings(timeout=timeout, graceful_timeout=graceful_timeout, wait_ready=wait_ready,
+                        reuse_port=REUSE_PORT_DEFAULT if reuse_port is None else reuse_port)
+    _primary(settings, None, preload, env, log)
 
 
 def broadcast(message: Any) -> None:

@@ -45,7 +45,8 @@ EVENTS = ("fork", "online", "listening", "message", "disconnect", "exit", "error
 QUICK_GRACE = 1.0  # a worker told to stop quickly, or sent SIGABRT, is SIGKILLed after this long
 # So a replacement starts in milliseconds. Not forkio.cluster itself: whether it is a worker is
 # decided when it is imported, and a zygote that imported it would clone primaries.
-DEFAULT_PRELOAD = ("asyncio",)
+# The rest is what importing forkio.cluster costs a worker (tens of ms otherwise).
+DEFAULT_PRELOAD = ("asyncio", "concurrent.futures", "selectors", "faulthandler", "forkio._process")
 
 
 class Worker(EventEmitter):
@@ -87,11 +88,18 @@ class Worker(EventEmitter):
         self.process.send(message, handle)
 
     def disconnect(self) -> None:
-        """Ask the worker to stop gracefully: stop accepting, finish in-flight work, exit."""
+        """Ask the worker to stop gracefully: stop accepting, finish in-flight work, exit.
+
+        While the cluster keeps a number of workers (``run()``, ``scale()``) it is replaced:
+        lower the number with ``cluster.scale()`` to have one fewer.
+        """
         self._supervisor.call(lambda: self._supervisor.stop_worker(self, quick=False))
 
     def kill(self, sig: int | str = signal.SIGTERM) -> None:
-        """Send ``sig`` (SIGTERM: a graceful stop) to the worker; it is not replaced."""
+        """Send ``sig`` to the worker (SIGTERM: a graceful stop); ``exited_after_disconnect`` will be True.
+
+        Replaced like a ``disconnect()``-ed worker while the cluster keeps a number of workers.
+        """
         number = getattr(signal, sig) if isinstance(sig, str) else int(sig)
         self._supervisor.call(lambda: self._supervisor.kill_worker(self, number))
 
@@ -242,6 +250,7 @@ class Supervisor:
             if worker._kill_at is not None:
                 if now >= worker._kill_at:
                     worker._kill_at = None
+                    worker._last_beat = None  # dead in a moment: not a hang to report again
                     worker.process.kill(signal.SIGKILL)
             elif timeout is not None and worker._last_beat is not None and now - worker._last_beat >= timeout:
                 self.log(f"worker {worker.id} (pid {worker.pid}) event loop silent for {timeout:g} s: "
@@ -407,9 +416,12 @@ class Supervisor:
         elif rest:
             worker._partial[fd] = rest
         if lines:
-            out.flush()
-            out.buffer.write(b"".join(prefix + line + b"\n" for line in lines))
-            out.buffer.flush()
+            try:
+                out.flush()
+                out.buffer.write(b"".join(prefix + line + b"\n" for line in lines))
+                out.buffer.flush()
+            except (AttributeError, OSError, ValueError):
+                pass  # no stdout/stderr to relay to (closed, or None): the lines are dropped
 
     def _on_exit(self, worker: Worker) -> None:
         process = worker.process
