@@ -352,3 +352,29 @@ def test_the_lower_level_without_run(tmp_path: Path) -> None:
     assert "exit 3 code=0 signal=None asked=True" in out
     assert "after kill [4, 5]" in out
     assert "after scale 1" in out and out.rstrip().endswith("done")
+
+
+@pytest.mark.timeout(90)
+def test_a_reload_whose_new_code_cannot_start_keeps_the_old_workers(tmp_path: Path) -> None:
+    """SIGHUP with broken code: the new workers die at boot, the reload is abandoned in one line, the old
+    workers keep serving without a failure; fixed code then reloads."""
+    version = tmp_path / "version.txt"
+    version.write_text("v1")
+    app = App(tmp_path, APP_VERSION_FILE=str(version))
+    try:
+        first = app.serving(2)
+        load = Load(app.port, clients=1)
+        version.write_text("broken")
+        app.proc.send_signal(signal.SIGHUP)
+        app.wait_for(lambda: "reload failed" in app.err)
+        app.wait_for(lambda: app.worker_pids() == first)  # the new ones not ready yet are killed
+        assert app.proc.poll() is None
+        version.write_text("v2")
+        app.proc.send_signal(signal.SIGHUP)
+        app.wait_for(lambda: "reload done" in app.err)
+        app.wait_for(lambda: get(app.port).startswith("v2"))
+        app.wait_for(lambda: not (app.worker_pids() & first))
+        load.finish()
+        assert load.failures == []
+    finally:
+        assert app.stop() == 0

@@ -338,7 +338,7 @@ def test_cancelling_a_task_sent_ahead_leaves_the_worker_free(tmp_path: Path) -> 
         first = pool.submit(tasks.mark_then_sleep, str(mark), 0.3, "first")
         second = pool.submit(tasks.sleep_then, 0.3, "second")
         assert _wait_for(mark.exists)
-        assert _sent_ahead(pool, second)  # the case that matters: the worker holds it
+        assert _wait_for(lambda: _sent_ahead(pool, second))  # the case that matters: the worker holds it
         assert second.cancel()
         assert first.result(timeout=30) == "first"
         assert pool.submit(pow, 2, 3).result(timeout=10) == 8
@@ -347,18 +347,18 @@ def test_cancelling_a_task_sent_ahead_leaves_the_worker_free(tmp_path: Path) -> 
 def test_shutdown_cancel_futures_returns_with_a_backlog_sent_ahead(tmp_path: Path) -> None:
     mark = tmp_path / "first"
     pool = Pool(1)
-    _warm_for_batches(pool)
-    futures = [pool.submit(tasks.mark_then_sleep, str(mark), 0.3, i) for i in range(2)]
-    assert _wait_for(mark.exists)
-    assert all(_sent_ahead(pool, f) for f in futures[1:])
-    finished = threading.Thread(target=pool.shutdown, kwargs={"cancel_futures": True})
-    finished.start()
-    finished.join(20)
-    hung = finished.is_alive()
-    if hung:
-        pool.terminate()  # so that the failure leaves nothing behind
-    assert not hung
-    assert futures[0].result(timeout=1) == 0 and all(f.cancelled() for f in futures[1:])
+    try:
+        _warm_for_batches(pool)
+        futures = [pool.submit(tasks.mark_then_sleep, str(mark), 0.3, i) for i in range(2)]
+        assert _wait_for(mark.exists)
+        assert _wait_for(lambda: all(_sent_ahead(pool, f) for f in futures[1:]))
+        finished = threading.Thread(target=pool.shutdown, kwargs={"cancel_futures": True})
+        finished.start()
+        finished.join(20)
+        assert not finished.is_alive()  # seen before the clean-up below ends it anyway
+        assert futures[0].result(timeout=1) == 0 and all(f.cancelled() for f in futures[1:])
+    finally:
+        pool.terminate()  # nothing left behind, whatever failed (a no-op once it is shut down)
 
 
 # ---- item 27: a BaseException from user code in the pool's thread fails one future -------------

@@ -17,6 +17,8 @@ PORT = int(sys.argv[1])
 WORKERS = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 VERSION_FILE = os.environ.get("APP_VERSION_FILE")
 VERSION = open(VERSION_FILE).read().strip() if VERSION_FILE else "v0"
+if VERSION == "broken" and not cluster.is_primary:
+    raise SyntaxError("the new code does not even start")
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

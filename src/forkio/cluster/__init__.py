@@ -76,7 +76,7 @@ _defaults: dict[str, Any] = {}  # what `forkio cluster --workers ...` says, over
 def _primary(settings: Settings | None = None, target: tuple[str, str, list[str]] | None = None,
              preload: Sequence[str] = (), env: dict[str, str] | None = None, log: bool = True,
              libraries: Sequence[str] = ()) -> Supervisor:
-    """The supervisor, started on first use (with the settings of the first caller that gives some)."""
+    """The supervisor, started on first use; settings given before the first worker is forked apply."""
     global _supervisor
     if _side is not None:
         raise ClusterError("this is a cluster worker: only the primary forks and supervises workers")
@@ -88,6 +88,8 @@ def _primary(settings: Settings | None = None, target: tuple[str, str, list[str]
             workers.clear()
             for event, callback in _early_listeners:
                 _supervisor.events.on(event, callback)
+        elif settings is not None and not _supervisor.workers:  # e.g. listen() in the primary, then run()
+            _supervisor.settings = settings
         return _supervisor
 
 
@@ -132,10 +134,10 @@ def run(serve: Callable[[], Any], *, workers: int | None = None, timeout: float 
     log = given.get("log", log)
     settings = Settings(timeout=timeout, graceful_timeout=graceful_timeout, reuse_port=reuse_port,
                         wait_ready=wait_ready)
-    supervise(settings, workers=workers, preload=preload, env=env, log=log)
+    _supervise(settings, workers=workers, preload=preload, env=env, log=log)
 
 
-def supervise(settings: Settings, *, workers: int | None, target: tuple[str, str, list[str]] | None = None,
+def _supervise(settings: Settings, *, workers: int | None, target: tuple[str, str, list[str]] | None = None,
               preload: Sequence[str] = (), env: dict[str, str] | None = None, log: bool = True,
               binds: Sequence[Any] = (), libraries: Sequence[str] = ()) -> None:
     """The primary's part of ``run`` (and of ``forkio serve``): until the cluster stops."""

@@ -101,11 +101,11 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, wait_ready=True, max_requests=args.max_requests,
                          max_requests_jitter=args.max_requests_jitter, binds=binds,
                          options={"app": args.app, "interface": args.interface, "access_log": args.access_log})
-    from . import supervise
+    from . import _supervise
 
     sys.path.insert(0, os.getcwd())  # MODULE is found where the command runs, as uvicorn finds it
     try:
-        supervise(settings, workers=args.workers, target=("module", SERVE_MODULE, []),
+        _supervise(settings, workers=args.workers, target=("module", SERVE_MODULE, []),
                   preload=(module,) if args.preload else (), log=not args.quiet, binds=binds,
                   libraries=_server_modules(),
                   env={"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))})
