@@ -125,7 +125,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     bench = _bench_pool()
     n20 = bench.calibrate(20.0)
-    n5 = bench.calibrate(5.0)
+    n5 = n20 // 4  # one calibration: two could disagree on a machine whose load moves
     one20 = bench.single_task_seconds(n20)
     one5 = bench.single_task_seconds(n5)
     print(f"calibrated: {one20 * 1e3:.1f} ms and {one5 * 1e3:.1f} ms tasks here, alone")

@@ -24,6 +24,16 @@ def gone(pid: int, within: float = 0.0) -> bool:
         time.sleep(0.02)
 
 
+def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def feed_in_chunks(decoder: Any, stream: bytes, cuts: list[int]) -> list[Any]:
     """Feed ``stream`` to a codec's decoder cut at ``cuts`` (taken modulo its length); the messages out."""
     points = sorted({c % (len(stream) + 1) for c in cuts})

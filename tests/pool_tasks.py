@@ -247,3 +247,12 @@ def report_unloadable() -> str:
     """Report a message that cannot be unpickled in the caller (it calls sys.exit there)."""
     forkio.report(_ExitOnUnpickle())
     return "done"
+
+
+def hold_first(x: int, gate: str, done_dir: str) -> int:
+    """Item 1 waits for ``gate`` to exist; every other item leaves a file in ``done_dir``."""
+    if x == 1:
+        wait_for_file(gate)
+    else:
+        Path(done_dir, str(x)).touch()
+    return x

@@ -7,6 +7,7 @@ each test shows that closing the pool leaves no forkio process on the Dask worke
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import subprocess
@@ -139,6 +140,14 @@ def test_a_crash_fails_its_task_only_and_the_dask_worker_lives(pool: Pool, how: 
     assert [f.result(timeout=30) for f in others] == list(range(6))
 
 
+def test_map_with_a_per_item_timeout_batches_and_times_each_item(pool: Pool) -> None:
+    """Chunks of items with a timeout: one Dask task each, yet each item timed (and failed) alone."""
+    results = list(pool.options(timeout=2).stream(functools.partial(tasks.hang_if, bad=7), range(40), ordered=True))
+    assert [r.value for r in results if r.ok] == [i for i in range(40) if i != 7]
+    assert isinstance(results[7].error, TaskTimeout)
+    assert next(pool._wires) < 40  # type: ignore[attr-defined]  # fewer Dask tasks than items
+
+
 def test_a_task_past_its_timeout_is_stopped(pool: Pool) -> None:
     started = time.monotonic()
     with pytest.raises(TaskTimeout):
@@ -245,24 +254,29 @@ def test_terminate_stops_what_runs_and_leaves_nothing(client: Any, tmp_path: Pat
     _assert_dask_threads_free(client)
 
 
-def test_a_lost_dask_worker_fails_its_task_with_a_typed_error(pool: Pool, client: Any, tmp_path: Path) -> None:
+def _kill_the_dask_worker_of(client: Any, mark: Path) -> None:
+    """SIGKILL the Dask worker whose forkio child wrote its pid to ``mark`` (the child's ancestor)."""
+    ancestors = {p.pid for p in psutil.Process(_wait_for_pid(mark)).parents()}
+    (victim,) = set(_worker_pids(client).values()) & ancestors
+    os.kill(victim, signal.SIGKILL)
+
+
+def test_a_lost_dask_worker_fails_only_its_task_with_a_typed_error(pool: Pool, client: Any, tmp_path: Path) -> None:
     pool._lost_on_purpose = True  # type: ignore[attr-defined]
-    marks = [tmp_path / "doomed", tmp_path / "retried"]
-    doomed = pool.submit(dask_tasks.hang_first_time, str(marks[0]))
-    retried = pool.options(retries=1).submit(dask_tasks.hang_first_time, str(marks[1]))
+    doomed = pool.submit(dask_tasks.hang_first_time, str(tmp_path / "doomed"))
+    _wait_for_pid(tmp_path / "doomed")
+    bystander = pool.submit(tasks.mark_then_sleep, str(tmp_path / "bystander"), 1.5, "bystander")
     try:
-        # Kill the Dask workers running them (each forkio child's ancestor among the Dask workers).
-        workers = set(_worker_pids(client).values())
-        victims = set()
-        for mark in marks:
-            victims |= workers & {p.pid for p in psutil.Process(_wait_for_pid(mark)).parents()}
-        assert victims
-        for victim in victims:
-            os.kill(victim, signal.SIGKILL)
+        _wait_for_pid(tmp_path / "bystander")  # running on the other Dask worker
+        _kill_the_dask_worker_of(client, tmp_path / "doomed")
         with pytest.raises(forkio.WorkerLost) as info:
             doomed.result(timeout=30)
         assert isinstance(info.value, WorkerCrashed) and info.value.address.startswith("tcp://")
-        assert retried.result(timeout=30) == "second attempt"  # on another worker, or a restarted one
+        assert bystander.result(timeout=30) == "bystander"
+        # With retries, the task runs again (on the other worker, or on the one the nanny restarts).
+        retried = pool.options(retries=1).submit(dask_tasks.hang_first_time, str(tmp_path / "retried"))
+        _kill_the_dask_worker_of(client, tmp_path / "retried")
+        assert retried.result(timeout=30) == "second attempt"
     finally:
         client.wait_for_workers(2, timeout=30)
         client.keep_worker_pids()  # the nannies started new ones: those live on for the module
@@ -270,13 +284,24 @@ def test_a_lost_dask_worker_fails_its_task_with_a_typed_error(pool: Pool, client
 
 def test_cli_map_on_the_cluster(client: Any) -> None:
     cli_tasks = Path(__file__).parent / "cli_tasks.py"
-    proc = subprocess.run([sys.executable, "-m", "forkio", "map", f"{cli_tasks}:shout", "a", "boom", "die", "b",
-                           "--cluster", client.scheduler.address, "--ordered"],
+    proc = subprocess.run([sys.executable, "-m", "forkio", "map", f"{cli_tasks}:shout", "a", "boom", "die", "hang",
+                           "b", "--cluster", client.scheduler.address, "--ordered", "--timeout", "2"],
                           capture_output=True, text=True, timeout=60)
     lines = proc.stdout.splitlines()
     assert proc.returncode == 1, proc.stderr
-    assert [line.split('"ok": ')[1][:4] for line in lines] == ["true", "fals", "fals", "true"]
-    assert '"kind": "crashed"' in lines[2] and '"result": "B"' in lines[3]
+    assert [line.split('"ok": ')[1][:4] for line in lines] == ["true", "fals", "fals", "fals", "true"]
+    assert '"kind": "exception"' in lines[1] and '"kind": "crashed"' in lines[2] and '"kind": "timeout"' in lines[3]
+    assert '"result": "B"' in lines[4]
+
+
+def test_a_pool_never_shut_down_lets_its_forkio_children_go_at_exit(client: Any) -> None:
+    code = ("import forkio, pool_tasks\n"
+            f"pool = forkio.Pool(cluster={client.scheduler.address!r})\n"
+            "print(pool.submit(pool_tasks.inc, 1).result(timeout=30))\n")  # and exit without shutdown()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "2", out.stderr
+    assert all(not children for children in client.run(_forkio_children).values())
+    _assert_dask_threads_free(client)
 
 
 def test_without_cluster_nothing_of_dask_is_imported() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from concurrent.futures import CancelledError
 from functools import partial
@@ -15,7 +16,8 @@ import pytest
 import forkio
 import pool_tasks as tasks
 from forkio import Pool, SerializationError, TaskTimeout, WorkerCrashed
-from helpers import gone
+from forkio._pool_stream import CHUNKS_IN_FLIGHT_PER_WORKER
+from helpers import gone, wait_until
 
 
 @pytest.fixture
@@ -221,6 +223,33 @@ def test_lazy_input_for_endless_generator(pool: Pool) -> None:
     first = [next(results) for _ in range(1000)]
     assert first == list(range(2, 1002))
     assert consumed < 1000 + 200_000
+    results.close()  # type: ignore[attr-defined]
+
+
+def test_ordered_map_behind_a_slow_first_item_reads_a_bounded_window(pool: Pool, tmp_path: Path) -> None:
+    """map() in order: while item 1 runs, finished later chunks are held, but no more than the window."""
+    consumed = 0
+    gate, done = tmp_path / "gate", tmp_path / "done"
+    done.mkdir()
+
+    def endless():  # type: ignore[no-untyped-def]
+        nonlocal consumed
+        while True:
+            consumed += 1
+            yield consumed
+
+    results = pool.map(partial(tasks.hold_first, gate=str(gate), done_dir=str(done)), endless(),
+                       chunksize=1)
+    first = threading.Thread(target=lambda: next(results), daemon=True)  # the consumer waits for item 1
+    first.start()
+    window = pool.workers * CHUNKS_IN_FLIGHT_PER_WORKER
+    assert wait_until(lambda: len(list(done.iterdir())) >= window - 1, 30)
+    time.sleep(0.5)  # a bounded look: with no bound, hundreds more items would finish meanwhile
+    assert len(list(done.iterdir())) == window - 1
+    assert consumed <= 2 * window + 1  # the chunks in flight or held, and the read-ahead buffer
+    gate.touch()
+    first.join(30)
+    assert next(results) == 2
     results.close()  # type: ignore[attr-defined]
 
 

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,12 @@ import pytest
 import forkio
 import pool_tasks as tasks
 from forkio import BrokenPool, Pool, PoolClosed, SerializationError, WorkerCrashed, _pool, _shm
-from helpers import gone
+from helpers import gone, wait_until
 
 HERE = Path(__file__).parent
 
 
-def _wait_for(predicate: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
+_wait_for = wait_until
 
 
 def _run_script(code: str, *, timeout: float = 40.0) -> subprocess.CompletedProcess[str]:

@@ -248,8 +248,8 @@ class _Stream:
         self.star = star
         self.ordered = ordered
         self.fixed_chunk = None if chunksize is None else check_count("chunksize", chunksize, 1)
-        if options.timeout is not None:
-            self.fixed_chunk = 1  # a per-item timeout needs one item per task
+        if options.timeout is not None and not getattr(options.pool, "times_chunk_items", False):
+            self.fixed_chunk = 1  # a per-item timeout needs one item per task (a Dask pool splits chunks itself)
         self.total = _length(iterable) if total is None else total
         self.on_done: Callable[[Future[Any]], None] = notify
         self.input: _Sequence | _ReadAhead = (
@@ -277,7 +277,9 @@ class _Stream:
         """Submit chunks until the window is full or no more input is ready."""
         source = self.input
         workers = self.options.pool.workers
-        while len(self.in_flight) < self.window:
+        # Chunks finished but held for order count too: a slow first chunk must not let the
+        # others pile up (and the input be read) without bound.
+        while len(self.in_flight) + len(self.ready) < self.window:
             size = self._chunk_size()
             if isinstance(source, _ReadAhead):
                 source.set_limit(size * self.window)

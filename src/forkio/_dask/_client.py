@@ -20,6 +20,7 @@ does everything else, so neither the caller nor Dask's event loop ever waits on 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
 import pickle
@@ -122,6 +123,16 @@ class _Hub:
 
 _hubs: weakref.WeakKeyDictionary[Any, _Hub] = weakref.WeakKeyDictionary()
 _hubs_lock = threading.Lock()
+_open_pools: set[DaskPool] = set()
+
+
+@atexit.register
+def _shut_down_open_pools() -> None:
+    """At exit, as concurrent.futures does: pending tasks finish, and a pool nobody shut down still
+    lets its forkio children on the Dask workers go (it runs before Dask closes its clients)."""
+    for pool in list(_open_pools):
+        with contextlib.suppress(Exception):
+            pool.shutdown(wait=True)
 
 
 class DaskPool(Pool):
@@ -133,6 +144,8 @@ class DaskPool(Pool):
     ``initializer``, ``max_tasks_per_worker``, ``max_memory_per_worker`` and ``spare_workers``
     apply to the forkio children on each Dask worker.
     """
+
+    times_chunk_items = True  # map/stream chunks keep per-item timeouts: each item is timed on the worker
 
     def __init__(self, workers: int | None = None, *, cluster: Any = None, preload: tuple[str, ...] = (),
                  initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
@@ -179,6 +192,7 @@ class DaskPool(Pool):
         self._hub = hub
         self._manager = threading.Thread(target=self._pump, name=f"forkio-dask-{self.key}", daemon=True)
         self._manager.start()
+        _open_pools.add(self)
 
     # ---- the caller's side ------------------------------------------------------------------
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -277,6 +291,7 @@ class DaskPool(Pool):
             for record in list(self._live.values()):
                 self._settle(record, None, None)
             self._teardown(bool(closing))
+            _open_pools.discard(self)
 
     def _take_commands(self) -> list[tuple[Any, ...]]:
         """What there is to do: all that is queued (results fetched, cancels sent, in bulk). While

@@ -25,6 +25,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from .. import _zygote
 from .._errors import ForkioError
 from .._pool import Pool, RemoteError, RemoteTraceback
+from .._pool_stream import run_chunk
 from .._pool_worker import OK, dumps, encode_error
 from ._child import call
 
@@ -36,7 +37,7 @@ class _Local:
     """A caller's pool as seen by one Dask worker."""
 
     pool: Pool
-    running: dict[int, Future[Any]] = field(default_factory=dict)
+    running: dict[int, list[Future[Any]]] = field(default_factory=dict)
     cancelled: set[int] = field(default_factory=set)
     closing: bool = False
 
@@ -57,26 +58,55 @@ def _local(key: str, settings: dict[str, Any]) -> _Local:
 
 def run_task(key: str, settings: dict[str, Any], wire: int, fn: Any, args: tuple[Any, ...],
              kwargs: dict[str, Any], timeout: float | None, retries: int) -> tuple[Any, ...]:
-    """A Dask task: run one forkio task in this worker's local pool and return its outcome."""
+    """A Dask task: run one forkio task in this worker's local pool and return its outcome.
+
+    A chunk of ``map``/``stream`` items with a per-item timeout comes as one Dask task too (one
+    scheduler round trip for many items): here each item becomes a forkio task of its own, with
+    its own timeout and retries, and their outcomes are put back together as the chunk's result.
+    """
     worker = get_worker()
     local = _local(key, settings)
-    on_message = partial(_forward, worker, key, wire)
+    options = local.pool.options(timeout=timeout, retries=retries, on_message=partial(_forward, worker, key, wire))
+    split = fn is run_chunk and timeout is not None
+    calls = [(run_chunk, (args[0], [item], args[2]), {}) for item in args[1]] if split else [(fn, args, kwargs)]
     with _lock:
         if local.closing or wire in local.cancelled:
             local.cancelled.discard(wire)
             return ("cancelled",)
-        future = local.pool.options(timeout=timeout, retries=retries, on_message=on_message)._submit_raw(
-            call, (fn, args, kwargs))
-        local.running[wire] = future
-    del fn, args, kwargs  # the local pool holds what it needs; big arguments go as soon as they are sent
+        futures: list[Future[Any]] = [options._submit_raw(call, c) for c in calls]
+        local.running[wire] = futures
+    del fn, args, kwargs, calls  # the local pool holds what it needs; big arguments go once sent
     try:
-        # Not concurrent.futures.wait(): it never wakes for a future cancelled outside an executor.
-        with contextlib.suppress(BaseException):
-            future.exception()
-        return _outcome(future)
+        for future in futures:
+            # Not concurrent.futures.wait(): it never wakes for a future cancelled outside an executor.
+            with contextlib.suppress(BaseException):
+                future.exception()
+        if not split:
+            return _outcome(futures[0])
+        return _chunk_outcome([_outcome(future) for future in futures])
     finally:
         with _lock:
             local.running.pop(wire, None)
+
+
+def _chunk_outcome(outcomes: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """The items of a split chunk, back together in ``run_chunk``'s shape: one failure per item."""
+    if any(outcome[0] == "cancelled" for outcome in outcomes):
+        return ("cancelled",)
+    values: list[Any] = []
+    errors: dict[int, bytes] = {}
+    seconds = 0.0
+    for pos, outcome in enumerate(outcomes):
+        if outcome[0] == "ok":
+            item_values, item_errors, item_seconds = outcome[1]
+            values.append(item_values[0])
+            if 0 in item_errors:
+                errors[pos] = item_errors[0]
+            seconds += item_seconds
+        else:
+            values.append(None)
+            errors[pos] = outcome[1] if outcome[0] == "raised" else encode_error(outcome[1])
+    return ("ok", (values, errors, seconds))
 
 
 def _outcome(future: Future[Any]) -> tuple[Any, ...]:
@@ -111,11 +141,12 @@ def cancel_tasks(key: str, wires: list[int]) -> None:
         if local is None:
             return
         for wire in wires:
-            future = local.running.get(wire)
-            if future is None:
+            futures = local.running.get(wire)
+            if futures is None:
                 local.cancelled.add(wire)
             else:
-                future.cancel()
+                for future in futures:
+                    future.cancel()
 
 
 def refuse_new(key: str) -> list[int]:
