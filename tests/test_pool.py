@@ -430,11 +430,11 @@ def test_futures_are_real_futures_with_a_working_condition(pool: Pool, tmp_path:
     import threading
     from concurrent.futures import FIRST_COMPLETED, Future, as_completed, wait
 
-    import forkio._pool
+    import forkio._pool_future
 
-    if fast and not forkio._pool._FAST_FUTURE:
+    if fast and not forkio._pool_future._FAST_FUTURE:
         pytest.skip("this Python's Future differs: the pool uses Future.__init__")
-    monkeypatch.setattr(forkio._pool, "_FAST_FUTURE", fast)
+    monkeypatch.setattr(forkio._pool_future, "_FAST_FUTURE", fast)
 
     gate = tmp_path / "gate"
     slow = pool.submit(tasks.wait_for_file, str(gate))

@@ -23,7 +23,7 @@ import pytest
 
 import forkio
 import pool_tasks as tasks
-from forkio import BrokenPool, Pool, PoolClosed, SerializationError, WorkerCrashed, _pool, _shm
+from forkio import BrokenPool, Pool, PoolClosed, SerializationError, WorkerCrashed, _pool, _pool_proc, _shm
 from helpers import gone, wait_until
 
 HERE = Path(__file__).parent
@@ -276,7 +276,7 @@ def test_no_shared_memory_for_an_argument_fails_that_task_only(monkeypatch: pyte
 
 
 def test_a_worker_that_cannot_be_started_for_a_while_is_started_later(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_fork = _pool.fork
+    real_fork = _pool_proc.fork
     failures = {"left": 0}
 
     def short_of_processes(*args: Any, **kwargs: Any) -> Any:
@@ -285,7 +285,7 @@ def test_a_worker_that_cannot_be_started_for_a_while_is_started_later(monkeypatc
             raise BlockingIOError(11, "Resource temporarily unavailable")
         return real_fork(*args, **kwargs)
 
-    monkeypatch.setattr(_pool, "fork", short_of_processes)
+    monkeypatch.setattr(_pool_proc, "fork", short_of_processes)
     with Pool(1) as pool:
         (pid,) = _ready_pids(pool, 1)
         failures["left"] = 3  # its replacement fails three times (EAGAIN), then starts
