@@ -158,3 +158,30 @@ def test_cancelled_send_never_cuts_a_frame(children: Path) -> None:
 
     got = run(main())
     assert got == ["y" * (1 << 20)] * 3  # the started frame finished, the unstarted one was dropped
+
+
+@pytest.mark.timeout(60)
+def test_afork_under_uvloop(children: Path) -> None:
+    """The asyncio face only uses what every loop offers (readers, writers, futures): uvloop too."""
+    uvloop = pytest.importorskip("uvloop")
+    big = bytes(range(256)) * 8192  # 2 MiB: goes through shared memory, and fills the socket when echoed inline
+
+    async def main() -> tuple[list[object], int]:
+        async with await forkio.afork(children / "aecho.py") as child:
+            assert await child.recv(timeout=10) == "ready"
+            for i in range(500):
+                await child.send({"i": i})
+            got = [await child.recv(timeout=10) for _ in range(500)]
+            await child.send(big)
+            echoed = await child.recv(timeout=30)
+            assert echoed == big
+            child.disconnect()
+            return got, await child.wait(timeout=10)
+
+    loop = uvloop.new_event_loop()
+    try:
+        got, code = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert got == [{"i": i} for i in range(500)]
+    assert code == 0

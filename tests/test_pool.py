@@ -419,3 +419,38 @@ def test_spare_worker_stands_in_when_one_dies() -> None:
         (spare,) = pids - busy
         os.kill(busy.pop(), signal.SIGKILL)
         assert pool.submit(tasks.pid_of).result(timeout=30) == spare
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fast", [True, False], ids=["own-condition", "Future.__init__"])
+def test_futures_are_real_futures_with_a_working_condition(pool: Pool, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch, fast: bool) -> None:
+    """The futures build their condition themselves (a cheaper one) where this Python's Future
+    agrees, else through Future.__init__: either way every waiting API works."""
+    import threading
+    from concurrent.futures import FIRST_COMPLETED, Future, as_completed, wait
+
+    import forkio._pool
+
+    if fast and not forkio._pool._FAST_FUTURE:
+        pytest.skip("this Python's Future differs: the pool uses Future.__init__")
+    monkeypatch.setattr(forkio._pool, "_FAST_FUTURE", fast)
+
+    gate = tmp_path / "gate"
+    slow = pool.submit(tasks.wait_for_file, str(gate))
+    assert isinstance(slow, Future)
+    assert isinstance(slow._condition, threading.Condition)  # type: ignore[attr-defined]
+    # A thread blocked in result() before the result exists is woken by it (notify through the condition).
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(slow.result(timeout=30)))
+    waiter.start()
+    done, not_done = wait([slow], timeout=0.05, return_when=FIRST_COMPLETED)
+    assert not done and not_done == {slow}
+    callbacks: list[object] = []
+    slow.add_done_callback(lambda f: callbacks.append(f.result()))
+    gate.write_text("go")
+    waiter.join(30)
+    assert got == [True] and callbacks == [True]
+    many = [pool.submit(tasks.inc, i) for i in range(200)]
+    assert sorted(f.result() for f in as_completed(many, timeout=30)) == list(range(1, 201))
+    assert not wait(many, timeout=30).not_done

@@ -57,7 +57,10 @@ class AsyncEndpoint:
         started is dropped.
         """
         channel = self.channel
-        data, fds = await _encode(channel, message, handle)
+        try:
+            data, fds = channel.encode(message, handle, wait=False)
+        except BlockingIOError:  # shared segments not yet read by the peer: wait without blocking the loop
+            data, fds = await _encode(channel, message, handle)
         view = memoryview(data)
         started = False
         # Toward a Node peer a handle goes out only once the previous one is acknowledged.

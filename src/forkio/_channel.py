@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 from . import _shm
-from ._codec import DEFAULT_MAX_FRAME, Codec, Incoming, JsonCodec, PickleCodec, make_codec, segment_layout
+from ._codec import _NO_FDS, DEFAULT_MAX_FRAME, Codec, Incoming, JsonCodec, PickleCodec, make_codec, segment_layout
 from ._errors import ChannelClosed, ProtocolError, SerializationError, WaitTimeout
 from ._handles import RAW_FD, Handle, close_fds, handle_fd, rebuild_handle
 from ._node import DISCONNECT_ACK_WAIT, NodeLink
@@ -96,6 +96,7 @@ class Channel:
         self._decoder = self._pickle.decoder(self._map_segment) if self._pickle is not None else self.codec.decoder()
         self._recv_buffer = recv_buffer if recv_buffer is not None else bytearray(RECV_SIZE)
         self._recv_view = memoryview(self._recv_buffer)
+        self._recv_views = [self._recv_view]  # recvmsg_into's argument, built once
         self._inbox: deque[Incoming] = deque()
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()  # held by the one thread reading the socket
@@ -261,6 +262,28 @@ class Channel:
 
     def send(self, message: Message, handle: Handle | None = None) -> None:
         """Send one message, blocking while the peer is behind (backpressure)."""
+        if handle is None:
+            # The hot path, flattened: what ``encode`` and ``send_bytes`` do for a message
+            # without fds, less their layers of calls (each costs more than the write's own Python).
+            codec = self._pickle
+            if codec is None:
+                data = self.codec.encode(message)
+            else:
+                data, shared = codec.encode_message(message, self.zero_copy_threshold, self._reusable)
+                if shared:
+                    self.send_bytes(data, [self._pack(shared, True)])
+                    return
+            with self._send_lock:
+                if self._closed or self._broken is not None:
+                    self._check_sendable()
+                try:
+                    self.sock.sendall(data)
+                except OSError as exc:
+                    raise self._send_failed(exc) from exc
+                except BaseException as exc:
+                    self._break(exc)
+                    raise
+            return
         data, fds = self.encode(message, handle)
         if handle is not None and self._node is not None:
             self._node.send_handle(data, fds)
@@ -338,15 +361,19 @@ class Channel:
             except OSError as exc:  # EPIPE / ECONNRESET: the peer is gone (or we closed meanwhile)
                 raise self._send_failed(exc) from exc
             except BaseException as exc:
-                self._broken = exc
-                try:
-                    self.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                self._break(exc)
                 raise
             finally:
                 if fds and self._owned:  # segment fds from encode(): in flight now, or never
                     self._disown(fds)
+
+    def _break(self, exc: BaseException) -> None:
+        """A write was interrupted part-way (see ``send_bytes``): no frame can follow it."""
+        self._broken = exc
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def try_send(self, view: memoryview | bytes, fds: list[int] = ()) -> int:  # type: ignore[assignment]
         """One non-blocking write; returns the bytes sent (0 when the socket is full)."""
@@ -390,7 +417,7 @@ class Channel:
         """Read once (waiting for data if ``block``) and decode. False when there was nothing to read."""
         try:
             nbytes, ancdata, _flags, _ = self.sock.recvmsg_into(
-                [self._recv_view], _ANC_SIZE, _RECV_FLAGS if block else _RECV_FLAGS_NOWAIT)
+                self._recv_views, _ANC_SIZE, _RECV_FLAGS if block else _RECV_FLAGS_NOWAIT)
         except BlockingIOError:
             return False
         except (ConnectionResetError, OSError) as exc:
@@ -399,7 +426,7 @@ class Channel:
             nbytes, ancdata = 0, []
             if not isinstance(exc, ConnectionResetError):
                 self._broken = exc
-        fds = _fds_from_ancdata(ancdata) if ancdata else []
+        fds = _fds_from_ancdata(ancdata) if ancdata else _NO_FDS
         if nbytes == 0:
             close_fds(fds)
             self._eof = True
@@ -439,7 +466,11 @@ class Channel:
 
     def pop(self, with_handle: bool) -> Any:
         """Take the next decoded message (raising the error that replaced it, if any)."""
-        message, fds, handle_kind, _internal, error = self._inbox.popleft()
+        return self._take(self._inbox.popleft(), with_handle)
+
+    def _take(self, item: Incoming, with_handle: bool) -> Any:
+        """What ``pop`` returns for ``item``."""
+        message, fds, handle_kind, _internal, error = item
         if error is not None:
             raise error
         if not fds:
@@ -503,6 +534,31 @@ class Channel:
 
         ``with_handle=None`` is ``recv_fds``: the message and a list of its fds.
         """
+        if timeout is None and with_handle is False:
+            # The hot path: one message at a time, waiting forever. Whatever is not plain
+            # (fds, errors, another reader, the end) goes on to the general loop below.
+            inbox = self._inbox
+            lock = self._read_lock
+            while True:
+                if inbox:
+                    try:
+                        item = inbox.popleft()
+                    except IndexError:  # another thread took it first
+                        continue
+                    if item[1] or item[4] is not None:
+                        return self._take(item, False)
+                    return item[0]
+                # acquire(False), not blocking=False: the keyword costs a thousand instructions.
+                if self._closed or self._eof or self._broken is not None or not lock.acquire(False):
+                    break
+                try:
+                    if not inbox:
+                        self.read_available(block=True)
+                finally:
+                    lock.release()
+                    if self._waiting:
+                        with self._cond:
+                            self._cond.notify_all()
         deadline = None if timeout is None else time.monotonic() + timeout
         inbox = self._inbox
         while True:
@@ -516,7 +572,7 @@ class Channel:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise WaitTimeout(f"no message within {timeout} s")
-            if self._read_lock.acquire(blocking=False):
+            if self._read_lock.acquire(False):
                 try:
                     if inbox:
                         continue

@@ -49,6 +49,10 @@ _MAX_PAYLOAD = 2**32 - 1
 _MAX_FDS = 255
 _NO_FDS: list[int] = []  # shared, never mutated: most frames carry no fds
 _NO_BUFFERS: list[memoryview] = []  # likewise
+_unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack
+_loads = pickle.loads
+_dumps = pickle.dumps
 
 BUFFER_META = struct.Struct(">IIB")  # pickle length, buffer count, flags
 BUFFER_ENTRY = struct.Struct(">QQ")  # offset (top bit: in the segment), length
@@ -203,12 +207,13 @@ class PickleCodec:
         if self._custom_dumps is None and (kind is dict or kind is tuple or kind not in _BYTES_LIKE):
             oob: list[pickle.PickleBuffer] = []
             try:
-                payload = pickle.dumps(message, PICKLE_PROTOCOL, buffer_callback=oob.append)
+                payload = _dumps(message, PICKLE_PROTOCOL, buffer_callback=oob.append)
             except Exception:
                 pass  # the general path says why (or takes a memoryview out of band)
             else:
-                if not oob and (threshold is None or len(payload) < threshold) and len(payload) <= self.max_frame_size:
-                    return HEADER.pack(MAGIC, KIND_MESSAGE, 0, 0, len(payload)) + payload, _NO_BUFFERS
+                size = len(payload)
+                if not oob and (threshold is None or size < threshold) and size <= self.max_frame_size:
+                    return _pack_header(MAGIC, KIND_MESSAGE, 0, 0, size) + payload, _NO_BUFFERS
                 if threshold is None or len(payload) < threshold or not _big_bytes_inside(message, threshold):
                     return self._frame(KIND_MESSAGE, 0, 0, payload, oob, threshold, reusable)
         return self.encode_shared(message, threshold=threshold, reusable=reusable)
@@ -341,7 +346,22 @@ class PickleDecoder(_Decoder):
 
     def feed(self, data: bytes | memoryview, fds: Sequence[int] = ()) -> list[Incoming]:
         """Add bytes (and the fds that came with them); return every frame now complete."""
-        at = self._arrived(len(data), fds)
+        size = len(data)
+        if not fds and size >= 8 and not self._buffer and self._big is None and not self._batches:
+            # The common read: exactly one small plain message, nothing held back. Checked by
+            # the same rules as ``_frames``; anything else (or a pickle that fails) goes the long way.
+            magic, kind, nfds, nbuffers, length = _unpack_header(data, 0)
+            if (size == 8 + length and magic == MAGIC and kind == KIND_MESSAGE and not nfds and not nbuffers
+                    and length <= self._max):
+                try:
+                    obj = _loads(data[8:])
+                except Exception:
+                    pass
+                else:
+                    self._fed += size
+                    self._head = self._fed
+                    return [(obj, _NO_FDS, None, False, None)]
+        at = self._arrived(size, fds)
         big = self._big
         if big is None:
             return self._feed(data, at)
@@ -570,8 +590,20 @@ class JsonDecoder(_Decoder):
 
     def feed(self, data: bytes | memoryview, fds: Sequence[int] = ()) -> list[Incoming]:
         """Add bytes (and fds); return every complete line decoded."""
-        at = self._arrived(len(data), fds)
         chunk = data if isinstance(data, bytes) else bytes(data)
+        size = len(chunk)
+        if (not fds and not self._buffer and not self._skipping and not self._batches
+                and chunk.find(b"\n") == size - 1 and 1 < size <= self._max):
+            # The common read: exactly one whole line, nothing held back (same rules as ``_line``).
+            try:
+                obj = self._loads(chunk.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                pass  # the long way says why
+            else:
+                if not is_internal(obj):
+                    self._fed += size
+                    return [(obj, _NO_FDS, None, False, None)]
+        at = self._arrived(size, fds)
         out: list[Incoming] = []
         if self._skipping:
             skip = chunk.find(b"\n") + 1

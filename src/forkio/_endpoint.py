@@ -52,7 +52,10 @@ class Endpoint(EventEmitter):
 
     def send(self, message: Any, handle: Handle | None = None) -> None:
         """Send ``message`` (and optionally a socket or fd); blocks only while the peer is behind."""
-        self.channel.send(message, handle)
+        channel = self._channel
+        if channel is None:
+            raise ChannelClosed(self._reason)
+        channel.send(message, handle)
 
     def send_many(self, messages: Iterable[Any]) -> None:
         """Send several messages in one write (all or none: each is encoded first).
@@ -69,8 +72,11 @@ class Endpoint(EventEmitter):
         """
         if timeout is not None:
             timeout = timeout_arg(timeout)
+        channel = self._channel
         try:
-            return self.channel.recv(timeout, with_handle=with_handle)
+            if channel is None:
+                raise ChannelClosed(self._reason)
+            return channel.recv(timeout, with_handle=with_handle)
         except ChannelClosed:
             self._emit_disconnect()
             raise
