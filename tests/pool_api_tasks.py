@@ -51,3 +51,25 @@ def keep(value: Any) -> None:
 def put_in_kept(value: Any) -> bool:
     _kept.put(value)
     return True
+
+
+def use_kept_primitives(value: Any) -> bool:
+    """With ``(queue, lock, event, semaphore)`` kept: signal the caller through each, then wait
+    for the lock the caller holds (and keep it)."""
+    queue, lock, event, semaphore = _kept
+    queue.put(value)
+    event.set()
+    semaphore.release()
+    return bool(lock.acquire(timeout=30))
+
+
+def release_kept_lock() -> bool:
+    _kept[1].release()
+    return True
+
+
+def touch(path: str) -> str:
+    """A side effect the caller can check: create ``path``."""
+    with open(path, "w"):
+        pass
+    return path

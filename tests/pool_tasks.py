@@ -82,6 +82,13 @@ def mark_then_sleep(path: str, seconds: float, value: Any) -> Any:
     return value
 
 
+def mark_then_wait(path: str, gate: str, value: Any) -> Any:
+    """Leave a mark, then return ``value`` once ``gate`` exists (the test decides when)."""
+    Path(path).write_text(str(os.getpid()))
+    wait_for_file(gate)
+    return value
+
+
 def mark_then_hang(path: str) -> None:
     Path(path).write_text(str(os.getpid()))
     time.sleep(600)

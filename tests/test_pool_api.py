@@ -23,6 +23,7 @@ import forkio
 import pool_api_tasks as tasks
 from forkio import Pool, SerializationError, TaskResult
 from forkio._pool_stream import run_chunk
+from helpers import wait_until
 
 
 @pytest.fixture
@@ -99,6 +100,83 @@ def test_items_read_run_while_the_input_waits(pool: Pool, face: str) -> None:
         asyncio.run(consume())
     assert seen == [1, 4, 9]
     assert held == [True], "the results of 1 and 2 came only after the input went on"
+
+
+# ---- map starts its work at call time, as Executor.map does -----------------------------------------
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("face", ["map", "map-dropped", "map-progress", "imap_unordered", "stream",
+                                  "generator-dropped"])
+def test_map_never_iterated_still_runs_every_item(tmp_path: Path, face: str) -> None:
+    """Code ported from ProcessPoolExecutor calls pool.map(write_file, files) for its side effects:
+    every item runs, and shutdown(wait=True) waits for it, though the result is never iterated
+    (nor kept). An input without a length: its first window (here the whole input) likewise."""
+    paths = [str(tmp_path / f"{i}.out") for i in range(5 if face == "generator-dropped" else 200)]
+    pool = Pool(2)  # (a window of 2 workers x 3 chunks)
+    if face == "map-dropped":
+        pool.map(tasks.touch, paths)
+        gc.collect()
+    elif face == "generator-dropped":
+        pool.map(tasks.touch, (p for p in paths))  # then shutdown() at once: it waits for the reader
+    else:
+        kept = {"map": lambda: pool.map(tasks.touch, paths),
+                "map-progress": lambda: pool.map(tasks.touch, paths, progress=True),
+                "imap_unordered": lambda: pool.imap_unordered(tasks.touch, paths),
+                "stream": lambda: pool.stream(tasks.touch, paths)}[face]()
+    pool.shutdown(wait=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(p).name for p in paths)
+    if not face.endswith("dropped"):
+        assert len(list(kept)) == 200  # and the results are there to iterate after the shutdown
+
+
+def _await_files(paths: list[str]) -> bool:
+    """Whether every path exists within 30 s (the workers make them)."""
+    import os
+
+    return wait_until(lambda: all(os.path.exists(p) for p in paths), 30)
+
+
+@pytest.mark.timeout(90)
+def test_map_over_a_generator_starts_at_call_time_and_a_dropped_one_lets_go(tmp_path: Path) -> None:
+    """An input without a length is read and dispatched from the call on (a bounded window ahead);
+    a map dropped unread keeps running what it started, stops reading, and holds neither its
+    reading thread nor the pool."""
+    pool = Pool(2)
+    pool_ref = weakref.ref(pool)
+    paths = [str(tmp_path / f"{i}.out") for i in range(3)]
+    results = pool.map(tasks.touch, (p for p in paths))
+    assert _await_files(paths), "nothing ran before the map was iterated"
+    assert list(results) == paths
+
+    read: list[int] = []
+
+    def endless() -> Iterator[str]:
+        i = 0
+        while True:
+            read.append(i)
+            yield str(tmp_path / f"endless-{i}.out")
+            i += 1
+
+    pool.map(tasks.touch, endless())  # dropped at once
+    gc.collect()
+    assert _await_files([str(tmp_path / "endless-0.out")])
+    for thread in threading.enumerate():
+        if thread.name == "forkio-stream-input":
+            thread.join(30)
+            assert not thread.is_alive(), "a dropped map's reading thread is still waiting"
+    assert len(read) < 10_000  # a bounded distance ahead, not the whole endless input
+    pool.shutdown(wait=True)
+    del pool, results
+    gc.collect()
+    assert pool_ref() is None, "something still holds the pool"
+
+
+def test_a_map_closed_midway_cancels_what_it_started(tmp_path: Path) -> None:
+    """As with Executor.map: a consumer that stops early (closes the iterator) cancels the rest."""
+    with Pool(1) as pool:
+        results = pool.map(tasks.touch, [str(tmp_path / f"{i}.out") for i in range(400)], chunksize=1)
+        next(results)
+        results.close()  # type: ignore[attr-defined]
+    assert len(list(tmp_path.iterdir())) < 400
 
 
 # ---- issue 10 item: an input that raises midway ------------------------------------------------------
@@ -296,12 +374,6 @@ if __name__ == "__main__":
         assert sorted(q.get(timeout=30) for _ in range(4)) == [0, 1, 2, 3]
     q.close()
     q.join_thread()
-    try:
-        forkio.Pool(1, initializer=tasks.keep, initargs=(mp.get_context("fork").Queue(),))
-    except forkio.SerializationError as exc:
-        assert "get_context('spawn')" in str(exc) and "Manager()" in str(exc), exc
-    else:
-        raise AssertionError("a fork-context queue was accepted")
     print("all good")
 """
 
@@ -309,12 +381,82 @@ if __name__ == "__main__":
 @pytest.mark.timeout(120)
 def test_manager_proxies_and_queues_reach_workers(tmp_path: Path) -> None:
     """A Manager proxy works as a task argument and a spawn-context Queue in initargs, as with
-    ProcessPoolExecutor; a fork-context Queue is refused with what to use instead."""
+    ProcessPoolExecutor (fork-context ones: the tests below)."""
     script = tmp_path / "mp_objects.py"
     script.write_text(textwrap.dedent(_MP_SCRIPT))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "all good"
+
+
+def _can_share_fork_semaphores() -> bool:
+    """Whether this process may open its fork-context semaphores for workers (root, or
+    CAP_CHECKPOINT_RESTORE: the kernel's rule for /proc/self/map_files)."""
+    from forkio._pool_worker import _open_semaphore
+
+    lock = multiprocessing.get_context("fork").Lock()
+    try:
+        fd, _ = _open_semaphore(lock._semlock.handle)  # type: ignore[attr-defined]
+    except OSError:
+        return False
+    import os
+
+    os.close(fd)
+    return True
+
+
+@pytest.mark.skipif(not _can_share_fork_semaphores(), reason="/proc/self/map_files needs CAP_CHECKPOINT_RESTORE")
+@pytest.mark.timeout(90)
+def test_fork_context_queue_and_locks_in_initargs_reach_workers() -> None:
+    """A plain multiprocessing Queue, Lock, Event and Semaphore (the 'fork' context, Linux's default
+    before 3.14) in initargs work in the workers as with ProcessPoolExecutor: the worker's put,
+    set and release reach the caller, and the caller's lock blocks the worker until released."""
+    ctx = multiprocessing.get_context("fork")
+    queue, lock, event, semaphore = ctx.Queue(), ctx.Lock(), ctx.Event(), ctx.Semaphore(0)
+    try:
+        # One task per worker: the second task's worker (a new one) gets them too.
+        with Pool(1, initializer=tasks.keep, initargs=((queue, lock, event, semaphore),),
+                  max_tasks_per_worker=1) as p:
+            assert lock.acquire(timeout=10)
+            first = p.submit(tasks.use_kept_primitives, "from a worker")
+            assert queue.get(timeout=30) == "from a worker"
+            assert event.wait(30)
+            assert semaphore.acquire(timeout=30)
+            lock.release()  # the worker waits for it, and takes it
+            assert first.result(timeout=30) is True
+            assert not lock.acquire(block=False)  # the worker took the very same lock
+            assert p.submit(tasks.release_kept_lock).result(timeout=30) is True
+            assert lock.acquire(timeout=30)  # released by the second worker
+            lock.release()
+    finally:
+        queue.close()
+        queue.join_thread()
+
+
+def test_fork_context_queue_refused_clearly_where_its_semaphore_cannot_be_shared(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where this process may not open its semaphores for the workers (not root, not Linux), a
+    fork-context Queue in initargs is refused at Pool() with what to use instead, leaking no fd."""
+    import os
+
+    from forkio import _pool_worker
+
+    def refuse(handle: int) -> tuple[int, int]:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(_pool_worker, "_open_semaphore", refuse)
+    queue = multiprocessing.get_context("fork").Queue()
+    reader, writer = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(SerializationError) as caught:  # a pipe's fd is taken before the queue's lock fails
+        Pool(1, initializer=tasks.keep, initargs=(writer, queue))
+    assert len(os.listdir("/proc/self/fd")) == before
+    message = str(caught.value)
+    assert "'fork' context" in message and "get_context('spawn')" in message and "Manager()" in message
+    assert "Operation not permitted" in message
+    reader.close()
+    writer.close()
+    queue.close()
 
 
 def test_initializer_fds_are_closed_with_the_pool() -> None:

@@ -338,15 +338,19 @@ def test_cancelling_a_task_sent_ahead_leaves_the_worker_free(tmp_path: Path) -> 
 
 
 def test_shutdown_cancel_futures_returns_with_a_backlog_sent_ahead(tmp_path: Path) -> None:
-    mark = tmp_path / "first"
+    mark, gate = tmp_path / "first", tmp_path / "gate"
     pool = Pool(1)
     try:
         _warm_for_batches(pool)
-        futures = [pool.submit(tasks.mark_then_sleep, str(mark), 0.3, i) for i in range(2)]
-        assert _wait_for(mark.exists)
-        assert _wait_for(lambda: all(_sent_ahead(pool, f) for f in futures[1:]))
+        # The first task runs until the gate opens, so the second cannot start before the
+        # shutdown has cancelled it, however slow the machine.
+        futures = [pool.submit(tasks.mark_then_wait, str(mark), str(gate), i) for i in range(2)]
+        assert _wait_for(mark.exists, 30)
+        assert _wait_for(lambda: all(_sent_ahead(pool, f) for f in futures[1:]), 30)
         finished = threading.Thread(target=pool.shutdown, kwargs={"cancel_futures": True})
         finished.start()
+        assert _wait_for(lambda: all(f.cancelled() for f in futures[1:]), 30)
+        gate.touch()
         finished.join(20)
         assert not finished.is_alive()  # seen before the clean-up below ends it anyway
         assert futures[0].result(timeout=1) == 0 and all(f.cancelled() for f in futures[1:])

@@ -394,6 +394,10 @@ class Pool(Executor):
         self._starting = 0
         self.restarts = 0
         self.spare_workers = spare_workers
+        # Streams over an input without a length, not iterated yet, whose reading threads still
+        # dispatch their first window (see _pool_stream._Stream): held here until they have,
+        # dropped or not, and waited for by shutdown().
+        self._streams: set[Any] = set()
         # The manager holds the pool weakly: the callback wakes it when the pool is dropped.
         self._manager = threading.Thread(
             target=_manage, args=(weakref.ref(self, self._wake.poke_dropped), self._selector, self._procs, self._wake),
@@ -462,7 +466,7 @@ class Pool(Executor):
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int | None = None, progress: bool = False) -> Iterator[Any]:
-        """Like ``Executor.map``, but input is consumed lazily and batching is chosen for you."""
+        """Like ``Executor.map`` (the work starts now), batched for you; an input without a length is read ahead."""
         return self.options().map(fn, *iterables, timeout=timeout, chunksize=chunksize, progress=progress)
 
     def imap_unordered(self, fn: Callable[..., Any], iterable: Iterable[Any], *,
@@ -486,6 +490,8 @@ class Pool(Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking tasks; finish (or, with ``cancel_futures``, cancel) queued ones; stop the workers."""
+        if wait and not cancel_futures:
+            self._wait_for_streams()
         with self._wake.lock:
             if not self._closed:
                 self._closed = True
@@ -494,6 +500,11 @@ class Pool(Executor):
                 self._wake.post_locked(("close", cancel_futures))
         if wait and threading.current_thread() is not self._manager:
             self._manager.join()
+
+    def _wait_for_streams(self) -> None:
+        """Streams not iterated yet finish dispatching their first window, to be waited for too."""
+        for stream in list(self._streams):
+            stream.settled.wait()
 
     def terminate(self) -> None:
         """Stop now: cancel every task, kill every worker, wait for them to go."""

@@ -1,8 +1,10 @@
 """Per-task options and streaming over a ``Pool``: ``options()``, ``map``, ``stream``, asyncio faces.
 
-Streams cut their input into chunks (one task each), sized from how long items take, so that
-tiny functions are not drowned in per-task overhead while slow ones still spread over every
-worker. Input is read lazily with a bounded number of chunks in flight. A chunk that fails as
+Streams cut their input into chunks (one task each), sized from how long items take (or, for
+an input with a length, dispatched whole when the stream is made, from a fixed schedule), so
+that tiny functions are not drowned in per-task overhead while slow ones still spread over
+every worker. The sync faces start the work when called, as ``Executor.map`` does; any input
+without a length is read a bounded number of chunks ahead. A chunk that fails as
 a whole (its worker crashed or it timed out) is split and its items retried one by one, so
 only the item at fault fails.
 
@@ -19,8 +21,10 @@ import itertools
 import math
 import operator
 import queue
+import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sized
 from concurrent.futures import Future
@@ -178,9 +182,14 @@ class _ReadAhead:
         """A threshold is reached: wake the consumer, wait for room; False once stopped."""
         buffer, cond = self._buffer, self._cond
         with cond:
-            if 0 < self._want <= len(buffer):
+            wanted = 0 < self._want <= len(buffer)
+            if wanted:
                 self._want = 0
-                self._wake()  # before waiting for room: the consumer may be what frees it
+        if wanted:
+            # Before waiting for room (the consumer may be what frees it), and without the lock:
+            # before the consumer iterates, the wake takes items itself (see _Stream).
+            self._wake()
+        with cond:
             # Flag first, then look: a consumer that took items before seeing the flag has
             # made the room this check sees (see take()).
             while not self._stopped:
@@ -238,11 +247,17 @@ class _Stream:
     """What the sync and asyncio streams share: chunking, splitting, ordering. No waiting.
 
     ``notify`` receives each finished task's future, and None when more input has been read.
+
+    With ``eager`` (the sync faces), work starts when the stream is made, as ``Executor.map``'s
+    does: an input that knows its length is dispatched whole at once (so ``shutdown()`` waits
+    for all of it, iterated or not); any other input is dispatched as the reading thread reads
+    it, up to one window of chunks, until the consumer takes over (``drive``). Nothing started
+    is cancelled unless the consumer, having started, stops early.
     """
 
     def __init__(self, options: TaskOptions, fn: Callable[..., Any], iterable: Iterable[Any], *,
                  star: bool, ordered: bool, chunksize: int | None, notify: Callable[[Future[Any] | None], None],
-                 total: int | None = None) -> None:
+                 total: int | None = None, eager: bool = False) -> None:
         self.options = options
         self.fn = fn
         self.star = star
@@ -252,25 +267,76 @@ class _Stream:
             self.fixed_chunk = 1  # a per-item timeout needs one item per task (a Dask pool splits chunks itself)
         self.total = _length(iterable) if total is None else total
         self.on_done: Callable[[Future[Any]], None] = notify
-        self.input: _Sequence | _ReadAhead = (
-            _Sequence(iterable) if self.total is not None else _ReadAhead(iterable, lambda: _quietly(notify, None)))
+        # Until the consumer drives, the reading thread fills (under the lock) as it reads.
+        self.driven = not eager
+        self.lock = threading.Lock()
+        # Set once the reading thread has dispatched what it may before the consumer comes (a
+        # window, or the whole input if shorter): shutdown(wait=True) waits for that, as it waits
+        # for what was submitted.
+        self.settled = threading.Event()
+        self.input: _Sequence | _ReadAhead
+        if self.total is not None or not eager:
+            self.settled.set()
+        if self.total is not None:
+            self.input = _Sequence(iterable)
+        else:
+            # The reading thread holds the stream weakly: a stream dropped unread is let go, and
+            # its reader stopped, while what it started runs on; until its first window is
+            # dispatched, the pool holds it (see settle()).
+            ref = weakref.ref(self)
+            self.input = _ReadAhead(iterable, lambda: _input_read(ref, notify))
+            weakref.finalize(self, self.input.close)
         self.taken = 0  # inputs read so far
         # Each future is a whole chunk (position None) or one item of a chunk being retried alone.
         self.in_flight: dict[Future[Any], tuple[_Chunk, int | None]] = {}
         self.per_item: float | None = None
-        self.window = options.pool.workers * CHUNKS_IN_FLIGHT_PER_WORKER
+        # A known-length input is dispatched whole (chunk sizes below); any other, a window ahead.
+        self.window = sys.maxsize if self.total is not None else options.pool.workers * CHUNKS_IN_FLIGHT_PER_WORKER
         self.chunks = 0
         self.ready: dict[int, _Chunk] = {}
         self.next_seq = 0
+        if eager:
+            if not self.settled.is_set():
+                options.pool._streams.add(self)
+            try:
+                with self.lock:
+                    self.prefill()
+            except BaseException:
+                self.cancel()
+                raise
+
+    def prefill(self) -> None:
+        """Before the consumer comes (under ``lock``): dispatch what has been read."""
+        try:
+            self.fill()
+        finally:
+            if self.input.exhausted or len(self.in_flight) + len(self.ready) >= self.window:
+                self.settle()
+
+    def drive(self) -> None:
+        """The consumer starts iterating: from now on it alone fills the stream."""
+        with self.lock:  # waits for a fill under way in the reading thread
+            self.driven = True
+        self.settle()
+
+    def settle(self) -> None:
+        """What may be dispatched before the consumer comes has been: let go of the pool."""
+        self.settled.set()
+        self.options.pool._streams.discard(self)
 
     def _chunk_size(self) -> int:
         if self.fixed_chunk is not None:
             return self.fixed_chunk
+        workers = self.options.pool.workers
+        if self.total is not None:
+            # Dispatched whole before any item is timed: chunks of one size, four per worker
+            # (fewer items each when tiny items would make them huge). Equal chunks, because the
+            # pool may hand queued tasks out by count, half to each worker, before it knows how
+            # long they take: unequal ones would leave one worker with most of the items.
+            return max(1, min(MAX_CHUNK, self.total // (workers * 4)))
         if self.per_item is None:
             return 1
         size = MAX_CHUNK if self.per_item <= 0 else int(TARGET_CHUNK_SECONDS / self.per_item)
-        if self.total is not None:  # leave enough chunks to keep every worker busy to the end
-            size = min(size, max(1, self.total // (self.options.pool.workers * 4)))
         return max(1, min(size, MAX_CHUNK))
 
     def fill(self) -> None:
@@ -352,6 +418,7 @@ class _Stream:
         return released
 
     def cancel(self) -> None:
+        self.settle()
         self.input.close()
         for future in list(self.in_flight):
             future.cancel()
@@ -362,6 +429,21 @@ def _quietly(notify: Callable[[Future[Any] | None], None], item: None) -> None:
         notify(item)
     except RuntimeError:  # an asyncio stream whose loop has closed: nobody is waiting any more
         pass
+
+
+def _input_read(ref: weakref.ref[_Stream], notify: Callable[[Future[Any] | None], None]) -> None:
+    """In the reading thread: items arrived (or the input ended). Before the consumer iterates,
+    dispatch them here; after, tell the consumer."""
+    state = ref()
+    if state is not None and not state.driven:
+        with state.lock:
+            if not state.driven:
+                try:
+                    state.prefill()
+                except Exception:  # (the pool shut down): the consumer, if it comes, meets it in fill()
+                    state.settle()
+                return
+    _quietly(notify, None)
 
 
 class TaskOptions:
@@ -403,48 +485,26 @@ class TaskOptions:
 
     def _stream(self, fn: Callable[..., Any], iterable: Iterable[Any], *, ordered: bool, chunksize: int | None,
                 progress: bool, star: bool, deadline: float | None, total: int | None) -> Iterator[TaskResult]:
-        bar = ProgressBar(total) if progress else None
-
-        def counted(result: TaskResult) -> TaskResult:
-            bar.update(1, failed=not result.ok)  # type: ignore[union-attr]
-            return result
-
-        try:
-            for chunk in self._chunks(fn, iterable, ordered=ordered, chunksize=chunksize, star=star,
-                                      deadline=deadline, total=total):
-                # map(), not a loop variable: this frame must not hold the result it yielded.
-                yield from (chunk.results() if bar is None else map(counted, chunk.results()))
-        finally:
-            if bar is not None:
-                bar.close()
+        return _results(self._chunks(fn, iterable, ordered=ordered, chunksize=chunksize, star=star,
+                                     deadline=deadline, total=total), progress, total)
 
     def _chunks(self, fn: Callable[..., Any], iterable: Iterable[Any], *, ordered: bool, chunksize: int | None,
                 star: bool, deadline: float | None, total: int | None = None) -> Iterator[_Chunk]:
+        """Start the work now (as ``Executor.map`` does); the chunks, as they complete, once iterated."""
         done: queue.SimpleQueue[Future[Any] | None] = queue.SimpleQueue()
         state = _Stream(self, fn, iterable, star=star, ordered=ordered, chunksize=chunksize, notify=done.put,
-                        total=total)
-        try:
-            while True:
-                state.fill()
-                if state.finished():
-                    return
-                try:
-                    finished = done.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    raise WaitTimeout("results not ready before the deadline") from None
-                if finished is None:
-                    continue  # more input was read
-                chunks = state.complete(finished)
-                del finished  # its result holds the values being handed out
-                yield from chunks
-        finally:
-            state.cancel()
+                        total=total, eager=True)
+        return _drive(state, done, deadline)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int | None = None, progress: bool = False) -> Iterator[Any]:
         """Results in input order; raises the first failed item's error when it is reached.
 
-        If an input raises, the results of the items read before that come first, then its error.
+        The work starts now, as with ``Executor.map``: an input with a length is dispatched whole
+        (``shutdown()`` waits for it, iterated or not); any other is read and dispatched a
+        bounded window ahead (only that window runs if the iterator is never iterated). Closing
+        the iterator midway cancels what is still pending. If an input raises, the results of
+        the items read before that come first, then its error.
         """
         if not iterables:
             raise TypeError("map() needs at least one iterable")
@@ -491,6 +551,46 @@ class TaskOptions:
                         del result
         finally:
             state.cancel()
+
+
+def _drive(state: _Stream, done: queue.SimpleQueue[Future[Any] | None], deadline: float | None) -> Iterator[_Chunk]:
+    """The sync consumer: complete chunks in the order they may be handed out. Closing it once
+    started (or dropping it) cancels what is in flight; one never started cancels nothing."""
+    state.drive()
+    try:
+        while True:
+            state.fill()
+            if state.finished():
+                return
+            try:
+                finished = done.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise WaitTimeout("results not ready before the deadline") from None
+            if finished is None:
+                continue  # more input was read
+            chunks = state.complete(finished)
+            del finished  # its result holds the values being handed out
+            yield from chunks
+    finally:
+        state.cancel()
+
+
+def _results(chunks: Iterator[_Chunk], progress: bool, total: int | None) -> Iterator[TaskResult]:
+    """One ``TaskResult`` per input of the chunks, with a progress bar (out of ``total``) if asked."""
+    bar = ProgressBar(total) if progress else None
+
+    def counted(result: TaskResult) -> TaskResult:
+        bar.update(1, failed=not result.ok)  # type: ignore[union-attr]
+        return result
+
+    try:
+        for chunk in chunks:
+            # map(), not a loop variable: this frame must not hold the result it yielded.
+            yield from (chunk.results() if bar is None else map(counted, chunk.results()))
+    finally:
+        chunks.close()  # type: ignore[attr-defined]
+        if bar is not None:
+            bar.close()
 
 
 def _values(chunks: Iterator[_Chunk]) -> Iterator[Any]:

@@ -24,10 +24,13 @@ A task cancelled before it started is skipped and reported as such.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import pickle
 import signal
+import stat
+import struct
 import sys
 import threading
 import time
@@ -86,13 +89,13 @@ class _Handover:
     pickled for the workers: a ``multiprocessing`` queue, pipe or connection in them then pickles
     (as it does for ``ProcessPoolExecutor``), its fds to travel with each worker's init message."""
 
-    def __init__(self, dup: bool = True) -> None:
+    def __init__(self) -> None:
         self.fds: list[int] = []
-        self.dup = dup  # False: a dry run, nothing to keep
+        self.semaphores: dict[int, tuple[int, int]] = {}  # sem_t address -> (index in fds, offset in its file)
 
     def duplicate_for_child(self, fd: int) -> int:
         # Our own copy: the caller may close the queue while a worker is still to be started.
-        self.fds.append(os.dup(fd) if self.dup else fd)
+        self.fds.append(os.dup(fd))
         return len(self.fds) - 1
 
     class DupFd:
@@ -103,6 +106,85 @@ class _Handover:
 
         def detach(self) -> int:
             return os.dup(_inherited_fds[self.index])
+
+    def reduce_semlock(self, value: Any) -> Any:
+        """A pickler's ``reducer_override``: a lock, semaphore... made in the "fork" context (the
+        default on Linux before Python 3.14) travels as the file behind its semaphore.
+
+        Such a semaphore has no name (multiprocessing unlinks it at once, for forked children
+        only), and a worker starts fresh, not forked from here. But it is a process-shared glibc
+        semaphore in a shared mapping of a deleted ``/dev/shm`` file, which this process can
+        still open through ``/proc/self/map_files``; a worker maps that file and uses the
+        semaphore there (futexes in shared mappings are keyed on the file, not the address).
+        Where that cannot be done, a clear ``SerializationError`` says what to use instead."""
+        synchronize = sys.modules.get("multiprocessing.synchronize")
+        if synchronize is None or not isinstance(value, synchronize.SemLock) or value._semlock.name is not None:
+            return NotImplemented  # (a named semaphore pickles as multiprocessing pickles it)
+        semlock = value._semlock
+        shared = self.semaphores.get(semlock.handle)
+        if shared is None:
+            try:
+                fd, offset = _open_semaphore(semlock.handle)
+            except OSError as exc:
+                raise SerializationError(
+                    f"a multiprocessing {type(value).__name__} (or a Queue, Event... built on one) made in the "
+                    "'fork' context cannot reach the pool's workers: they start fresh, not forked from this "
+                    f"process, and its semaphore could not be opened for them ({exc}; that takes Linux and "
+                    "CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN, as root has). Make it with "
+                    "multiprocessing.get_context('spawn') (e.g. get_context('spawn').Queue()), or use a "
+                    "multiprocessing.Manager().Queue() proxy") from exc
+            self.fds.append(fd)
+            shared = self.semaphores[semlock.handle] = (len(self.fds) - 1, offset)
+        return _map_semlock, (type(value), *shared, semlock.kind, semlock.maxvalue)
+
+
+SEM_T_SIZE = struct.calcsize("P") * 4  # glibc's sem_t: 32 bytes on 64-bit platforms, 16 on 32-bit
+
+
+def _open_semaphore(handle: int) -> tuple[int, int]:
+    """The file behind this process's (unnamed) semaphore at address ``handle``, opened, and the
+    semaphore's offset in it. Raises OSError where it cannot be had."""
+    with open("/proc/self/maps", "rb") as maps:  # (no /proc: FileNotFoundError, an OSError)
+        for line in maps:
+            fields = line.split()
+            start, end = (int(address, 16) for address in fields[0].split(b"-"))
+            if start <= handle < end:
+                break
+        else:
+            raise OSError(errno.ENOENT, "no mapping of this process holds it")
+    if b"s" not in fields[1] or fields[4] == b"0":
+        raise OSError(errno.EINVAL, "it does not live in a shared mapping of a file")
+    # Needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN (the kernel's rule for opening map_files): EPERM otherwise.
+    fd = os.open(f"/proc/self/map_files/{start:x}-{end:x}", os.O_RDWR | os.O_CLOEXEC)
+    offset = handle - start + int(fields[2], 16)
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode) or status.st_size < offset + SEM_T_SIZE:
+        os.close(fd)
+        raise OSError(errno.EINVAL, "the file mapped there does not hold a semaphore")
+    return fd, offset
+
+
+_semaphore_files: dict[int, Any] = {}  # index in _inherited_fds -> its mapping, pinned for the worker's life
+
+
+def _map_semlock(cls: Any, index: int, offset: int, kind: int, maxvalue: int) -> Any:
+    """In the worker: a fork-context lock, semaphore... of the caller, on the file it came as
+    (see ``_Handover.reduce_semlock``)."""
+    import ctypes
+
+    pinned = _semaphore_files.get(index)
+    if pinned is None:
+        fd = _inherited_fds[index]
+        # Mapped until the worker exits: a SemLock hands out its bound methods, which may outlive
+        # it, and they use the semaphore's address. ctypes' view pins the mapping (mmap cannot be
+        # closed while it is exported) and gives its address.
+        pinned = _semaphore_files[index] = ctypes.c_char.from_buffer(mmap.mmap(fd, os.fstat(fd).st_size))
+    lock = cls.__new__(cls)
+    lock.__setstate__((ctypes.addressof(pinned) + offset, kind, maxvalue, None))
+    # Still a fork-context semaphore: handed on to a process that starts fresh, it would be a
+    # dangling address there. multiprocessing then refuses it, as it does in the caller.
+    lock._is_fork_ctx = True
+    return lock
 
 
 _inherited_fds: list[int] = []
@@ -117,8 +199,7 @@ def dumps_for_workers(obj: Any) -> tuple[bytes, list[int]]:
     handover = _Handover()
     context.set_spawning_popen(handover)
     try:
-        _refuse_fork_context_locks(obj)
-        return _forking_dumps(obj), handover.fds
+        return _forking_dumps(obj, handover), handover.fds
     except BaseException:
         for fd in handover.fds:
             os.close(fd)
@@ -127,15 +208,19 @@ def dumps_for_workers(obj: Any) -> tuple[bytes, list[int]]:
         context.set_spawning_popen(None)
 
 
-def _forking_dumps(obj: Any) -> bytes:
-    """``dumps`` with multiprocessing's reducers (its connections pickle by fd only through them)."""
+def _forking_dumps(obj: Any, handover: _Handover) -> bytes:
+    """``dumps`` with multiprocessing's reducers (its connections pickle by fd only through them)
+    and ``handover``'s for fork-context locks."""
     import io
     from collections import ChainMap
     from multiprocessing.reduction import ForkingPickler
 
+    class Forking(ForkingPickler):
+        reducer_override = staticmethod(handover.reduce_semlock)
+
     buffer = io.BytesIO()
     try:
-        ForkingPickler(buffer, 5).dump(obj)
+        Forking(buffer, 5).dump(obj)
         return buffer.getvalue()
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
         try:
@@ -147,47 +232,13 @@ def _forking_dumps(obj: Any) -> bytes:
         dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(ForkingPickler._extra_reducers,  # type: ignore[attr-defined]
                                                                 cloudpickle.Pickler.dispatch_table)
 
+        def reducer_override(self, obj: Any) -> Any:
+            reduced = handover.reduce_semlock(obj)
+            return super().reducer_override(obj) if reduced is NotImplemented else reduced
+
     buffer = io.BytesIO()
     Pickler(buffer, 5).dump(obj)
     return buffer.getvalue()
-
-
-def _refuse_fork_context_locks(obj: Any) -> None:
-    """A multiprocessing lock, queue or event made in the "fork" context (the default on Linux
-    before Python 3.14) lives in memory only processes forked from this one share, and a worker
-    starts fresh: refuse it here, naming what works, rather than let a worker use a dangling lock."""
-    synchronize = sys.modules.get("multiprocessing.synchronize")
-    if synchronize is None:
-        return
-    semlock_type = synchronize.SemLock
-    from ._errors import SerializationError
-
-    class Checker(pickle.Pickler):
-        def reducer_override(self, value: Any) -> Any:
-            if isinstance(value, semlock_type) and getattr(value._semlock, "name", True) is None:
-                raise SerializationError(
-                    f"a multiprocessing {type(value).__name__} (or a Queue, Event... built on one) made in the "
-                    "'fork' context cannot reach the pool's workers: they start fresh, not forked from this "
-                    "process. Make it with multiprocessing.get_context('spawn') (e.g. "
-                    "get_context('spawn').Queue()), or use a multiprocessing.Manager().Queue() proxy")
-            return NotImplemented
-
-    import io
-
-    context = sys.modules["multiprocessing.context"]
-    spawning = context.get_spawning_popen()
-    context.set_spawning_popen(_Handover(dup=False))
-    try:
-        # Part by part: a lambda initializer (for cloudpickle) must not hide a lock in initargs.
-        for part in obj if isinstance(obj, tuple) else (obj,):
-            try:
-                Checker(io.BytesIO(), 5).dump(part)
-            except SerializationError:
-                raise
-            except Exception:  # anything else is for the real pickling to report
-                pass
-    finally:
-        context.set_spawning_popen(spawning)
 
 
 _main_path: str | None = None

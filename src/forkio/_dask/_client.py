@@ -183,6 +183,7 @@ class DaskPool(Pool):
         self._broken = None
         self._lock = threading.Lock()
         self._last_gather = 0.0
+        self._streams: set[Any] = set()  # (see Pool._streams)
         self.client.register_plugin(ForkioPlugin(), name="forkio")
         with _hubs_lock:
             hub = _hubs.get(self.client)
@@ -228,6 +229,8 @@ class DaskPool(Pool):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking tasks; finish (or, with ``cancel_futures``, cancel) queued ones; stop the forkio children."""
+        if wait and not cancel_futures:
+            self._wait_for_streams()
         with self._lock:
             if not self._closed:
                 self._closed = True
