@@ -32,6 +32,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         print(f"sleep start {os.getpid()}", flush=True)
         await asyncio.sleep(float(path.rsplit("/", 1)[1]))
     elif path.startswith("/block/"):
+        print(f"block start {os.getpid()}", flush=True)
         time.sleep(float(path.rsplit("/", 1)[1]))  # blocks the loop, on purpose
     body = f"{VERSION} {os.getpid()} {cluster.worker}\n".encode()
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))

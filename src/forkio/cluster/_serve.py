@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from . import _side, listen, ready, recycle
+from ._worker import settle_accepts, stop_accepting
 
 
 class _Server(uvicorn.Server):
@@ -75,8 +76,9 @@ async def _stop_gracefully(server: _Server, app: _Closing, drain_for: float) -> 
     """
     loop = asyncio.get_running_loop()
     for listening in getattr(server, "servers", ()):
-        listening.close()  # closes this process's copy of the shared socket: the others keep accepting
+        stop_accepting(listening)  # this process only: the socket stays open, the others keep accepting
     app.draining = True
+    await settle_accepts()  # a connection accepted a moment ago is counted before the wait below
     deadline = loop.time() + drain_for
     while server.server_state.connections and loop.time() < deadline:
         await asyncio.sleep(0.01)

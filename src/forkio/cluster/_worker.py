@@ -224,16 +224,15 @@ class WorkerSide:
         """In the server's loop: stop accepting here, wait for its connections, then close it."""
         import asyncio
 
-        loop = server.get_loop()
-        for sock in server.sockets:
-            loop.remove_reader(sock.fileno())  # only this process stops accepting: the socket stays open
+        stop_accepting(server)
 
         async def drain() -> None:
+            await settle_accepts()
             while getattr(server, "_active_count", 0) > 0:
                 await asyncio.sleep(0.02)
             server.close()
 
-        task = loop.create_task(drain())
+        task = server.get_loop().create_task(drain())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -258,6 +257,38 @@ class WorkerSide:
             if not self.stopping.is_set():
                 raise
             # Closing a server ends serve_forever() with CancelledError: asked for, not a failure.
+
+
+def stop_accepting(server: Any) -> None:
+    """In ``server``'s loop: this process stops accepting on its sockets, which stay open.
+
+    Not ``server.close()`` yet: asyncio accepts a connection in one loop turn and makes its
+    transport in a later one, and a server closed in between refuses it (``Server._attach``
+    asserts, and the error is swallowed): the connection is dropped with its request unread,
+    and its client sees a reset. Removing the readers stops new accepts while the ones under
+    way still find their server. A loop of another kind (uvloop) accepts in its own way, with
+    no readers to remove: its servers are closed.
+    """
+    import asyncio
+
+    loop = server.get_loop()
+    if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        for sock in server.sockets:
+            loop.remove_reader(sock.fileno())  # only this process stops accepting: the socket stays open
+    else:
+        server.close()
+
+
+async def settle_accepts() -> None:
+    """Let connections accepted just before ``stop_accepting`` reach their protocol.
+
+    A transport is made one loop turn after its accept, and its ``connection_made`` runs one
+    turn later: only then do the servers count it (``_active_count``, uvicorn's connections).
+    """
+    import asyncio
+
+    for _ in range(4):
+        await asyncio.sleep(0)
 
 
 def _flush() -> None:
