@@ -19,26 +19,11 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETUP = '''
-import pickle, socket, struct, sys
-sys.path.insert(0, {src!r})
+import socket, sys
+sys.path[:0] = [{src!r}, {bench!r}]
 from forkio._channel import Channel
 from forkio._endpoint import Endpoint
-MSG = {{"seq": 0, "op": "ping", "args": [1, 2, 3], "ok": True}}
-HDR = struct.Struct(">I")
-class Raw:
-    def __init__(self, sock): self.sock, self.buf = sock, b""
-    def send(self, msg, _dumps=pickle.dumps, _pack=HDR.pack):
-        p = _dumps(msg, 5); self.sock.sendall(_pack(len(p)) + p)
-    def recv(self, _loads=pickle.loads, _unpack=HDR.unpack_from):
-        buf = self.buf
-        while True:
-            if len(buf) >= 4:
-                (n,) = _unpack(buf, 0)
-                if len(buf) >= 4 + n:
-                    self.buf = buf[4 + n:]
-                    return _loads(buf[4:4 + n])
-            data = self.sock.recv(65536)
-            buf = buf + data if buf else data
+from ipc import MSG, RawConn as Raw  # the same reference and message as bench/ipc.py
 def pair(kind):
     a, b = socket.socketpair()
     if kind == "raw":
@@ -51,7 +36,7 @@ for _ in range({n}):
 
 
 def instructions(src: str, kind: str, n: int) -> int:
-    code = SETUP.format(src=src, kind=kind, n=n)
+    code = SETUP.format(src=src, bench=HERE, kind=kind, n=n)
     result = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
                              sys.executable, "-c", code], capture_output=True, text=True, check=False)
     found = re.search(r"I\s+refs:\s+([\d,]+)", result.stderr)

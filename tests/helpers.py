@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
 import shutil
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from forkio._channel import Channel
 
 
 def gone(pid: int, within: float = 0.0) -> bool:
@@ -22,6 +29,25 @@ def gone(pid: int, within: float = 0.0) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
+
+
+def open_fds() -> int:
+    """How many fds this process has open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+@contextlib.contextmanager
+def channel_pair() -> Iterator[tuple[Channel, Channel]]:
+    """Two connected pickle channels in this process, closed on exit; no fd of theirs may outlive them."""
+    gc.collect()
+    fds_before = open_fds()
+    a, b = socket.socketpair()
+    left, right = Channel(a), Channel(b)
+    yield left, right
+    left.close()
+    right.close()
+    gc.collect()
+    assert open_fds() == fds_before, "an fd leaked"
 
 
 def wait_until(predicate: Any, timeout: float = 10.0) -> bool:

@@ -5,7 +5,6 @@ bounded, released, unnamed and sealed, and "exit" comes after every message."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import signal
 import socket
@@ -23,26 +22,16 @@ from forkio import ProtocolError, SerializationError, _shm
 from forkio._aio import AsyncEndpoint
 from forkio._channel import Channel
 from forkio._codec import HEADER
+from helpers import channel_pair, open_fds
 
 MB = 1024 * 1024
-
-
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture
 def pair() -> Iterator[tuple[Channel, Channel]]:
     """Two connected pickle channels in this process; no fd of theirs may outlive the test."""
-    gc.collect()
-    before = _fds()
-    a, b = socket.socketpair()
-    left, right = Channel(a), Channel(b)
-    yield left, right
-    left.close()
-    right.close()
-    gc.collect()
-    assert _fds() == before
+    with channel_pair() as channels:
+        yield channels
 
 
 def _frame(obj: object) -> bytes:
@@ -136,12 +125,12 @@ def test_stray_fds_are_closed_at_once_and_handles_get_their_own(pair: tuple[Chan
         message, handle = right.recv(timeout=5, with_handle=True)
         assert message == "handle" and os.read(handle, 10) == b"RIGHT"
         os.close(handle)
-        base = _fds()
+        base = open_fds()
         with open(os.devnull) as null:
             for i in range(300):
                 socket.send_fds(raw, [_frame(i)], [null.fileno()])
                 assert right.recv(timeout=5) == i
-                assert _fds() <= base + 1
+                assert open_fds() <= base + 1
     finally:
         raw.close()
         for fd in (stray_r, stray_w, right_r, right_w):
@@ -213,12 +202,12 @@ def test_cancelled_async_send_releases_its_segment(pair: tuple[Channel, Channel]
     async def main() -> tuple[int, int]:
         while left.try_send(b"f" * 65536):  # fill the socket: later frames queue
             pass
-        base = _fds()
+        base = open_fds()
         blob = b"q" * (4 * MB)
         for _ in range(20):
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(endpoint.send(blob), 0.01)
-        return _fds() - base, len(left._owned)
+        return open_fds() - base, len(left._owned)
 
     grown, owned = asyncio.run(main())
     assert owned == 0 and grown <= 2

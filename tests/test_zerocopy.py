@@ -24,13 +24,9 @@ from forkio import SerializationError, _shm
 from forkio._aio import AsyncEndpoint
 from forkio._channel import Channel
 from forkio._codec import HEADER, PickleCodec
-from helpers import feed_in_chunks
+from helpers import channel_pair, feed_in_chunks, open_fds
 
 MB = 1024 * 1024
-
-
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def _memfd_ranges() -> list[tuple[int, int]]:
@@ -51,14 +47,9 @@ def _dev_shm() -> list[str]:
 def pair() -> Iterator[tuple[Channel, Channel]]:
     """Two connected channels in this process; after the test, nothing of theirs may remain."""
     gc.collect()
-    fds_before, segments_before = _fds(), _shm.mapped_segments()
-    a, b = socket.socketpair()
-    left, right = Channel(a), Channel(b)
-    yield left, right
-    left.close()
-    right.close()
-    gc.collect()
-    assert _fds() == fds_before, "an fd leaked"
+    segments_before = _shm.mapped_segments()
+    with channel_pair() as channels:  # checks that no fd leaked
+        yield channels
     assert _shm.mapped_segments() == segments_before, "a shared segment is still mapped"
 
 
@@ -214,7 +205,7 @@ def test_segments_used_once_where_they_cannot_be_shared_twice(monkeypatch: pytes
     """Without /proc to reopen a segment from (macOS), each message gets its own, freed after use."""
     monkeypatch.setattr(_shm, "REUSABLE", False)
     gc.collect()
-    fds_before, segments_before = _fds(), _shm.mapped_segments()
+    fds_before, segments_before = open_fds(), _shm.mapped_segments()
     a, b = socket.socketpair()
     left, right = Channel(a), Channel(b)
     try:
@@ -226,7 +217,7 @@ def test_segments_used_once_where_they_cannot_be_shared_twice(monkeypatch: pytes
         left.close()
         right.close()
     gc.collect()
-    assert _fds() == fds_before and _shm.mapped_segments() == segments_before
+    assert open_fds() == fds_before and _shm.mapped_segments() == segments_before
 
 
 def test_encode_then_send_bytes_hands_over_the_segment(pair: tuple[Channel, Channel]) -> None:
@@ -314,7 +305,7 @@ def test_segment_outlives_a_sender_that_exits_at_once(children: Path) -> None:
 def test_receiver_killed_mid_transfer_leaks_nothing_here(children: Path) -> None:
     """The child dies while large messages are in flight: the parent keeps no fd or mapping."""
     gc.collect()
-    fds_before, segments_before = _fds(), _shm.mapped_segments()
+    fds_before, segments_before = open_fds(), _shm.mapped_segments()
     child = forkio.fork(children / "bigdata.py", ["sum"])
     child.send("census")
     child.recv(timeout=30)
@@ -333,14 +324,14 @@ def test_receiver_killed_mid_transfer_leaks_nothing_here(children: Path) -> None
     thread.join(30)
     child.close()
     gc.collect()
-    assert _fds() == fds_before
+    assert open_fds() == fds_before
     assert _shm.mapped_segments() == segments_before
 
 
 def test_sender_killed_mid_stream_leaks_nothing_here(children: Path) -> None:
     """The child is SIGKILLed while it sends large arrays: whatever arrived or was cut, nothing stays."""
     gc.collect()
-    fds_before, segments_before = _fds(), _shm.mapped_segments()
+    fds_before, segments_before = open_fds(), _shm.mapped_segments()
     child = forkio.fork(children / "bigdata.py", ["flood"])
     for _ in range(3):
         assert child.recv(timeout=30)[0] == 3.0
@@ -356,5 +347,5 @@ def test_sender_killed_mid_stream_leaks_nothing_here(children: Path) -> None:
     del received
     child.close()
     gc.collect()
-    assert _fds() == fds_before
+    assert open_fds() == fds_before
     assert _shm.mapped_segments() == segments_before

@@ -146,13 +146,7 @@ class AsyncEndpoint:
                 channel._check_open()
             if not self._reading:
                 self._start_reading(channel)
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
+            await self._woken(asyncio.get_running_loop())
 
     def _start_reading(self, channel: Channel) -> None:
         self._loop = asyncio.get_running_loop()
