@@ -245,14 +245,16 @@ class AsyncEndpoint:
 
 
 async def _encode(channel: Channel, message: Any, handle: Handle | None) -> tuple[bytes, list[int]]:
-    """``channel.encode`` without blocking the loop while the peer is behind on shared segments."""
+    """``channel.encode`` without blocking the loop while the peer is behind on shared segments
+    (called once ``encode`` has found no room: it waits before trying again)."""
     delay = 0.0005
     while True:
+        await asyncio.sleep(delay)  # nothing signals the peer's reading: poll, backing off
+        delay = min(delay * 2, 0.02)
         try:
             return channel.encode(message, handle, wait=False)
         except BlockingIOError:
-            await asyncio.sleep(delay)  # nothing signals the peer's reading: poll, backing off
-            delay = min(delay * 2, 0.02)
+            pass
 
 
 class _Outgoing:

@@ -285,7 +285,7 @@ class Channel:
                     raise
             return
         data, fds = self.encode(message, handle)
-        if handle is not None and self._node is not None:
+        if self._node is not None:  # a handle (messages without one returned above)
             self._node.send_handle(data, fds)
         else:
             self.send_bytes(data, fds)

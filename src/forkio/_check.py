@@ -4,6 +4,7 @@ the call, never later inside a thread or a child."""
 from __future__ import annotations
 
 import math
+import operator
 import os
 import signal
 from collections.abc import Mapping
@@ -11,7 +12,11 @@ from typing import Any
 
 
 def timeout_arg(value: Any, name: str = "timeout", *, zero: bool = True) -> float | None:
-    """Seconds to wait: a real number >= 0 (> 0 unless ``zero``), ``None`` or ``inf`` for no limit."""
+    """Seconds to wait: a real number >= 0 (> 0 unless ``zero``), ``None`` or ``inf`` for no limit.
+
+    For the process faces (fork, wait, recv, kill). The pool's options use ``check_timeout``,
+    which also takes any number ``float()`` accepts (Decimal, numpy) and negative deadlines.
+    """
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -68,3 +73,32 @@ def env_arg(env: Any) -> dict[str, str]:
             raise ValueError(f"env[{key!r}]: embedded null byte")
         checked[key] = value
     return checked
+
+
+def check_count(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int of at least ``minimum``; a clear TypeError/ValueError otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    if number < minimum:  # (worded as ProcessPoolExecutor words it for max_workers)
+        raise ValueError(f"{name} must be greater than {minimum - 1}" if minimum > 0
+                         else f"{name} must not be negative")
+    return number
+
+
+def check_timeout(name: str, value: Any, *, positive: bool = True) -> float | None:
+    """A number of seconds, positive unless told otherwise, or None for no limit (``inf`` too)."""
+    if value is None:
+        return None
+    if isinstance(value, bool | str | bytes):  # float() would take "2", and True is 1
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
+    try:
+        seconds = float(value)  # ints, Decimal, numpy floats...
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}") from None
+    if math.isnan(seconds) or (positive and seconds <= 0):
+        raise ValueError(f"{name} must be a positive number of seconds (or None for no limit), not {value!r}")
+    return None if math.isinf(seconds) and seconds > 0 else seconds

@@ -214,7 +214,7 @@ class PickleCodec:
                 size = len(payload)
                 if not oob and (threshold is None or size < threshold) and size <= self.max_frame_size:
                     return _pack_header(MAGIC, KIND_MESSAGE, 0, 0, size) + payload, _NO_BUFFERS
-                if threshold is None or len(payload) < threshold or not _big_bytes_inside(message, threshold):
+                if threshold is None or size < threshold or not _big_bytes_inside(message, threshold):
                     return self._frame(KIND_MESSAGE, 0, 0, payload, oob, threshold, reusable)
         return self.encode_shared(message, threshold=threshold, reusable=reusable)
 

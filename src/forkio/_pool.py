@@ -17,6 +17,7 @@ future and errors the caller gets back ``_pool_future`` (re-exported here).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import pickle
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any
 
+from ._check import check_count, check_timeout
 from ._errors import SerializationError
 from ._pool_future import BrokenPool as BrokenPool
 from ._pool_future import PoolClosed as PoolClosed
@@ -216,7 +218,7 @@ class Pool(_PoolManager, Executor):
 
     async def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """asyncio: await ``fn(*args, **kwargs)`` in a worker. Cancelling the await stops the task."""
-        return await self.options().run(fn, *args, **kwargs)
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
     def astream(self, fn: Callable[..., Any], iterable: Iterable[Any], *, ordered: bool = False,
                 chunksize: int | None = None) -> Any:
@@ -350,4 +352,4 @@ def _message_handler(on_message: Callable[[Any], None] | None,
     return handle
 
 
-from ._pool_stream import TaskOptions, TaskResult, check_count, check_timeout  # noqa: E402  (they build on Pool)
+from ._pool_stream import TaskOptions, TaskResult  # noqa: E402  (they build on Pool)

@@ -164,12 +164,8 @@ class _PoolManager:
                     task.cancelled = True
                     Future.cancel(task.future)
                 self._tasks.clear()
-                self._sched.queue.clear()
-                self._sched.closing = True
-                self._sched.owed = 0
-                self._sched.spawn_at = None
+                self._sched.terminate()
                 for proc in list(self._procs.values()):
-                    proc.state.assigned.clear()
                     proc.child.kill(signal.SIGKILL)
 
     def _started(self, task: Task) -> bool:

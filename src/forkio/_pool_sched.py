@@ -293,6 +293,15 @@ class Scheduler:
         self.queue.clear()
         return actions + self._retire_idle()
 
+    def terminate(self) -> None:
+        """Every worker is being killed and every task cancelled: nothing queued, held or owed."""
+        self.closing = True
+        self.owed = 0
+        self.spawn_at = None
+        self.queue.clear()
+        for worker in self.workers.values():
+            worker.assigned.clear()
+
     def cancel(self, task: Task, started: Callable[[Worker], int | None] | None = None) -> list[Action]:
         """The caller cancelled ``task`` (``task.cancelled`` is set): drop it if queued, skip it if
         sent, stop it if running, and leave it be if it already ran (its result is dropped).

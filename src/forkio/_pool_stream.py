@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
-import operator
 import queue
 import sys
 import threading
@@ -31,6 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._check import check_count, check_timeout
 from ._errors import TaskTimeout, WaitTimeout, WorkerCrashed
 from ._progress import ProgressBar
 
@@ -460,7 +459,7 @@ class TaskOptions:
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
         """``Pool.submit`` with these options."""
-        return self._submit_raw(fn, args, kwargs)
+        return self.pool._submit(fn, args, kwargs, self.timeout, self.retries, self.on_message)
 
     def _submit_raw(self, fn: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any] | None = None) -> TaskFuture:
@@ -608,32 +607,3 @@ def _values(chunks: Iterator[_Chunk]) -> Iterator[Any]:
 def _length(iterable: Iterable[Any]) -> int | None:
     """How many inputs there are, when the input knows (for chunk sizes and the progress bar)."""
     return len(iterable) if isinstance(iterable, Sized) else None
-
-
-def check_count(name: str, value: Any, minimum: int) -> int:
-    """``value`` as an int of at least ``minimum``; a clear TypeError/ValueError otherwise."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not bool")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
-    if number < minimum:  # (worded as ProcessPoolExecutor words it for max_workers)
-        raise ValueError(f"{name} must be greater than {minimum - 1}" if minimum > 0
-                         else f"{name} must not be negative")
-    return number
-
-
-def check_timeout(name: str, value: Any, *, positive: bool = True) -> float | None:
-    """A number of seconds, positive unless told otherwise, or None for no limit (``inf`` too)."""
-    if value is None:
-        return None
-    if isinstance(value, bool | str | bytes):  # float() would take "2", and True is 1
-        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
-    try:
-        seconds = float(value)  # ints, Decimal, numpy floats...
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}") from None
-    if math.isnan(seconds) or (positive and seconds <= 0):
-        raise ValueError(f"{name} must be a positive number of seconds (or None for no limit), not {value!r}")
-    return None if math.isinf(seconds) and seconds > 0 else seconds

@@ -404,20 +404,19 @@ def _precompile(kind: str, target: str) -> tuple[Any, Any] | None:
     package is already imported; anything else (a directory, a zip, a package to import, a
     syntax error to report) is left to runpy in the child.
     """
-    from ._bootstrap import code_from_file
+    from ._bootstrap import prepare
 
     try:
         if kind == "script":
             sys.path[0] = os.path.dirname(target)
-            import pkgutil
-
             st = os.stat(target)
             cached = _compiled.get(target)
             if cached is not None and cached[:3] == (st.st_ino, st.st_mtime_ns, st.st_size):
                 return cached[3], None  # the same file as last time (stricter than .pyc's check)
-            if pkgutil.get_importer(target) is not None:
+            found = prepare("script", target)
+            if found is None:
                 return None
-            code = code_from_file(target)
+            code = found[0]
             if len(_compiled) > 64:
                 _compiled.clear()
             _compiled[target] = (st.st_ino, st.st_mtime_ns, st.st_size, code)

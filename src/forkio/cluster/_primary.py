@@ -37,7 +37,6 @@ from ._settings import (
     Settings,
     bind,
     bound_address,
-    describe,
 )
 
 T = TypeVar("T")
@@ -596,6 +595,3 @@ class Supervisor:
         used = {w.slot for w in self.workers.values()}
         for key in [k for k in self._slot_sockets if k[1] not in used and k[1] >= (self.count or 0)]:
             self._slot_sockets.pop(key).close()
-
-    def describe_sockets(self) -> str:
-        return ", ".join(sorted({describe(bound_address(s)) for s in self.sockets.values()}))
