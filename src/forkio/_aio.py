@@ -1,13 +1,19 @@
 """One end of a channel as asyncio code sees it: ``AsyncChildProcess`` and ``aparent``.
 
 Kept apart from the sync face so that a child that never uses asyncio never imports it.
+
+Per message, the loop's reader callback reads and decodes what has arrived, and resumes the task
+waiting in ``recv`` right there (see ``_Wakeup``), rather than one pass of the loop later: a
+small message costs one ``epoll_wait``, one read and one write, as it would with a protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import inspect
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 from ._channel import Channel
@@ -17,6 +23,8 @@ from ._handles import Handle
 from ._node import NodeLink
 
 INBOX_HIGH_WATER = 1024  # decoded messages queued before the reader pauses
+# Marks a method that returns a coroutine as one (inspect.iscoroutinefunction), where Python can (3.12+).
+_coroutine_function: Callable[[Any], Any] = getattr(inspect, "markcoroutinefunction", lambda function: function)
 
 
 class AsyncEndpoint:
@@ -32,9 +40,9 @@ class AsyncEndpoint:
         self._unusable = unusable  # a channel was given but cannot be used (not just absent)
         self._outgoing: deque[_Outgoing] = deque()
         self._writer: asyncio.Task[None] | None = None
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[_Wakeup] = []
         self._reading = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop our reader is registered with
         self._watching: NodeLink | None = None  # the background reader that wakes us, if any
         if channel is not None:
             channel.read_in_background()  # only toward a Node peer
@@ -61,21 +69,23 @@ class AsyncEndpoint:
             data, fds = channel.encode(message, handle, wait=False)
         except BlockingIOError:  # shared segments not yet read by the peer: wait without blocking the loop
             data, fds = await _encode(channel, message, handle)
-        view = memoryview(data)
-        started = False
         # Toward a Node peer a handle goes out only once the previous one is acknowledged.
         node = channel._node if handle is not None and channel._node is not None and channel._node.node_peer else None
         handle_data = None
+        sent = 0
         if node is not None:
             self._watch(channel, node)
             handle_data = data
         if not self._outgoing and (node is None or not node.awaiting_ack):
-            sent = _try_send(channel, view, fds, handle_data)  # fast path: the whole frame fits now
+            # The fast path: the whole frame fits now (no memoryview, no task, no future).
+            sent = channel.try_send(data, fds) if node is None else _try_send(channel, data, fds, handle_data)
             if sent == len(data):
                 return
             handle_data = None
-            if sent:
-                view, fds, started = view[sent:], [], True
+        view = memoryview(data)
+        started = sent > 0
+        if started:
+            view, fds = view[sent:], []
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         entry = _Outgoing(view, fds, done, started, handle_data)
@@ -123,38 +133,70 @@ class AsyncEndpoint:
             finally:
                 loop.remove_writer(channel.fileno())
 
-    async def recv(self, timeout: float | None = None, *, with_handle: bool = False) -> Any:
+    # recv hands out one coroutine, rather than being one that awaits another: each layer of
+    # awaits costs about as much as the read itself. Every check runs once it is awaited.
+    @_coroutine_function
+    def recv(self, timeout: float | None = None, *, with_handle: bool = False) -> Coroutine[Any, Any, Any]:
         """The next message (see ``Endpoint.recv``), awaiting it without blocking the loop."""
-        channel = self.channel
-        if timeout is not None:
-            timeout = timeout_arg(timeout)
         if timeout is None:
-            return await self._recv(channel, with_handle)
-        try:
-            return await asyncio.wait_for(self._recv(channel, with_handle), timeout)
-        except asyncio.TimeoutError:
-            raise WaitTimeout(f"no message within {timeout} s") from None
+            return self._receive(with_handle, False)
+        return self._receive_within(timeout, with_handle)
 
-    async def _recv(self, channel: Channel, with_handle: bool) -> Any:
+    async def _receive_within(self, timeout: float, with_handle: bool) -> Any:
+        limit = timeout_arg(timeout)
+        if limit is None:
+            return await self._receive(with_handle, False)
+        try:
+            return await asyncio.wait_for(self._receive(with_handle, False), limit)
+        except asyncio.TimeoutError:
+            raise WaitTimeout(f"no message within {limit} s") from None
+
+    def __aiter__(self) -> AsyncEndpoint:
+        return self
+
+    def __anext__(self) -> Coroutine[Any, Any, Any]:
+        return self._receive(False, True)
+
+    async def _receive(self, with_handle: bool, ending: bool) -> Any:
+        """The next message; at the end of the channel ``ChannelClosed``, or ``StopAsyncIteration``
+        if ``ending`` (where there is no channel at all, unless it was unusable: then say why)."""
+        channel = self._channel
+        if channel is None:
+            if ending and not self._unusable:
+                raise StopAsyncIteration
+            raise ChannelClosed(self._reason)
+        inbox = channel._inbox
         while True:
-            if channel._inbox:
+            if inbox:
                 message = channel.pop(with_handle)
                 if not self._reading and channel.connected:
-                    self._start_reading(channel)
+                    self._start_reading(channel)  # the reader paused with a full inbox: room again
                 return message
             if not channel.connected:
+                if ending:
+                    raise StopAsyncIteration
                 channel._check_open()
-            if not self._reading:
+            loop = asyncio.get_running_loop()
+            if not self._reading or self._loop is not loop:
                 self._start_reading(channel)
-            await self._woken(asyncio.get_running_loop())
+            waiter = _Wakeup(loop)
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:  # cancelled: the message, if one came meanwhile, stays in the inbox
+                self._forget(waiter)
+                raise
 
     def _start_reading(self, channel: Channel) -> None:
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if self._reading and self._loop is not loop and self._watching is None:
+            self._stop_reading(channel)  # registered with a loop that has ended (asyncio.run again)
+        self._loop = loop
         node = channel._node
         if node is not None and node.reading:
             self._watch(channel, node)  # a thread reads this channel already: be woken by it
         else:
-            self._loop.add_reader(channel.fileno(), self._on_readable, channel)
+            loop.add_reader(channel.fileno(), self._on_readable, channel)
         self._reading = True
 
     def _stop_reading(self, channel: Channel) -> None:
@@ -203,13 +245,17 @@ class AsyncEndpoint:
             self._writer = loop.create_task(self._write_outgoing(channel, loop))
 
     async def _woken(self, loop: asyncio.AbstractEventLoop) -> None:
-        waiter = loop.create_future()
+        waiter = _Wakeup(loop)
         self._waiters.append(waiter)
         try:
             await waiter
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
+        except BaseException:
+            self._forget(waiter)
+            raise
+
+    def _forget(self, waiter: _Wakeup) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
 
     def _on_readable(self, channel: Channel) -> None:
         # The reader stays registered between recv() calls (one epoll_ctl per burst, not per
@@ -220,28 +266,25 @@ class AsyncEndpoint:
         self._wake()
 
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            _resolve(waiter)
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._aiter()
-
-    async def _aiter(self) -> AsyncIterator[Any]:
-        if self._channel is None and self._unusable:
-            raise ChannelClosed(self._reason)  # as recv() would: say why, rather than end quietly
-        while True:
-            try:
-                yield await self.recv()
-            except ChannelClosed:
-                return
+        """Wake every waiter; only ever called by the loop itself (a reader, ``call_soon``), never from a task."""
+        waiters = self._waiters
+        if not waiters:
+            return
+        self._waiters = []
+        if len(waiters) == 1:
+            waiters[0].wake_now()  # the usual case: one recv waiting, resumed here and now
+        else:
+            for waiter in waiters:  # each in its turn, so that one's error cannot strand the others
+                waiter.wake_soon()
 
     def disconnect(self) -> None:
         """Close the channel. Idempotent."""
         if self._channel is not None:
             self._stop_reading(self._channel)
             self._channel.close()
-        self._wake()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:  # called from a task, perhaps: the waiters run in their own turn
+            waiter.wake_soon()
 
 
 async def _encode(channel: Channel, message: Any, handle: Handle | None) -> tuple[bytes, list[int]]:
@@ -255,6 +298,105 @@ async def _encode(channel: Channel, message: Any, handle: Handle | None) -> tupl
             return channel.encode(message, handle, wait=False)
         except BlockingIOError:
             pass
+
+
+_PENDING, _WOKEN, _CANCELLED = 0, 1, 2
+
+
+class _Wakeup:
+    """What a task awaits until a loop callback has news for it: a one-shot, Future-compatible
+    object that the callback can resume the task with at once.
+
+    An ``asyncio.Future`` hands its task to ``call_soon``: the task would run one pass of the
+    loop after the message was read, a second ``epoll_wait`` and trip through the loop per
+    message. asyncio's tasks accept any object that keeps the Future protocol they use
+    (``_asyncio_future_blocking``, ``get_loop``, ``add_done_callback``, ``result``, ``cancel``;
+    see ``asyncio.isfuture``), and so do other loops' (uvloop runs asyncio's own tasks). Only
+    the loop may call ``wake_now`` (from a callback, when no task is running: a task cannot be
+    stepped from inside another); everyone else uses ``wake_soon``. Cancelling it wakes the task
+    in the next pass, with ``CancelledError``, as a Future would.
+    """
+
+    __slots__ = ("_asyncio_future_blocking", "_callback", "_context", "_loop", "_message", "_state")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._state = _PENDING
+        self._asyncio_future_blocking = False
+        self._callback: Callable[[Any], object] | None = None
+        self._context: contextvars.Context | None = None
+        self._message: Any = None
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if self._state == _PENDING:
+            self._asyncio_future_blocking = True
+            yield self  # the task calls add_done_callback, then result() once woken
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def add_done_callback(self, fn: Callable[[Any], object], *, context: contextvars.Context | None = None) -> None:
+        if self._callback is not None:
+            raise RuntimeError("a _Wakeup has one waiter: the task that awaits it")
+        self._callback, self._context = fn, context
+        if self._state != _PENDING:
+            self._loop.call_soon(fn, self, context=context)
+
+    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
+        if self._callback is None or self._callback != fn:
+            return 0
+        self._callback = self._context = None
+        return 1
+
+    def done(self) -> bool:
+        return self._state != _PENDING
+
+    def cancelled(self) -> bool:
+        return self._state == _CANCELLED
+
+    def result(self) -> None:
+        if self._state == _CANCELLED:
+            raise asyncio.CancelledError(*(() if self._message is None else (self._message,)))
+        if self._state == _PENDING:
+            raise asyncio.InvalidStateError("not woken yet")
+
+    def exception(self) -> BaseException | None:
+        self.result()
+        return None
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self._state != _PENDING:
+            return False
+        self._state, self._message = _CANCELLED, msg
+        self._schedule()
+        return True
+
+    def wake_now(self) -> None:
+        """Resume the waiting task here (the caller is the loop, running no task)."""
+        if self._state == _PENDING:
+            self._state = _WOKEN
+            callback, context = self._callback, self._context
+            if callback is not None:
+                self._callback = self._context = None
+                if context is None:
+                    callback(self)
+                else:
+                    context.run(callback, self)
+
+    def wake_soon(self) -> None:
+        """Resume the waiting task in the loop's next pass (from anywhere on the loop's thread)."""
+        if self._state == _PENDING:
+            self._state = _WOKEN
+            self._schedule()
+
+    def _schedule(self) -> None:
+        callback = self._callback
+        if callback is not None:
+            self._loop.call_soon(callback, self, context=self._context)
+            self._callback = self._context = None
+
+    def __repr__(self) -> str:
+        return f"<forkio wake-up {('pending', 'woken', 'cancelled')[self._state]}>"
 
 
 class _Outgoing:
@@ -275,7 +417,7 @@ class _Outgoing:
         self.handle_data = handle_data
 
 
-def _try_send(channel: Channel, view: memoryview, fds: list[int], handle_data: bytes | None) -> int:
+def _try_send(channel: Channel, view: memoryview | bytes, fds: list[int], handle_data: bytes | None) -> int:
     """One non-blocking write; a handle for a Node peer is first recorded as awaiting its ACK."""
     node = channel._node
     if handle_data is None or node is None:
