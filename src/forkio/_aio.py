@@ -64,24 +64,31 @@ class AsyncEndpoint:
         frame finish in the background (the cancellation still propagates); one that has not
         started is dropped.
         """
-        channel = self.channel
+        channel = self._channel
+        if channel is None:
+            raise ChannelClosed(self._reason)
         try:
             data, fds = channel.encode(message, handle, wait=False)
         except BlockingIOError:  # shared segments not yet read by the peer: wait without blocking the loop
             data, fds = await _encode(channel, message, handle)
-        # Toward a Node peer a handle goes out only once the previous one is acknowledged.
-        node = channel._node if handle is not None and channel._node is not None and channel._node.node_peer else None
-        handle_data = None
         sent = 0
-        if node is not None:
-            self._watch(channel, node)
-            handle_data = data
-        if not self._outgoing and (node is None or not node.awaiting_ack):
-            # The fast path: the whole frame fits now (no memoryview, no task, no future).
-            sent = channel.try_send(data, fds) if node is None else _try_send(channel, data, fds, handle_data)
-            if sent == len(data):
-                return
-            handle_data = None
+        handle_data = None
+        if handle is None:
+            if not self._outgoing:  # the fast path: the whole frame fits now (no task, no future)
+                sent = channel.try_send(data, fds)
+                if sent == len(data):
+                    return
+        else:
+            # Toward a Node peer a handle goes out only once the previous one is acknowledged.
+            node = channel._node if channel._node is not None and channel._node.node_peer else None
+            if node is not None:
+                self._watch(channel, node)
+                handle_data = data
+            if not self._outgoing and (node is None or not node.awaiting_ack):
+                sent = _try_send(channel, data, fds, handle_data)
+                if sent == len(data):
+                    return
+                handle_data = None
         view = memoryview(data)
         started = sent > 0
         if started:
@@ -263,14 +270,12 @@ class AsyncEndpoint:
         channel.read_available()
         if not channel.connected or len(channel._inbox) >= INBOX_HIGH_WATER:
             self._stop_reading(channel)
-        self._wake()
+        if self._waiters:
+            self._wake()
 
     def _wake(self) -> None:
         """Wake every waiter; only ever called by the loop itself (a reader, ``call_soon``), never from a task."""
-        waiters = self._waiters
-        if not waiters:
-            return
-        self._waiters = []
+        waiters, self._waiters = self._waiters, []
         if len(waiters) == 1:
             waiters[0].wake_now()  # the usual case: one recv waiting, resumed here and now
         else:
@@ -300,7 +305,7 @@ async def _encode(channel: Channel, message: Any, handle: Handle | None) -> tupl
             pass
 
 
-_PENDING, _WOKEN, _CANCELLED = 0, 1, 2
+_PENDING, _WOKEN = 0, 1  # a _Wakeup's states; cancelled, it holds the CancelledError to raise
 
 
 class _Wakeup:
@@ -310,37 +315,34 @@ class _Wakeup:
     An ``asyncio.Future`` hands its task to ``call_soon``: the task would run one pass of the
     loop after the message was read, a second ``epoll_wait`` and trip through the loop per
     message. asyncio's tasks accept any object that keeps the Future protocol they use
-    (``_asyncio_future_blocking``, ``get_loop``, ``add_done_callback``, ``result``, ``cancel``;
-    see ``asyncio.isfuture``), and so do other loops' (uvloop runs asyncio's own tasks). Only
+    (``_asyncio_future_blocking``, ``_loop``, ``add_done_callback``, ``result``, ``cancel``;
+    see ``asyncio.isfuture``), and so do other loops' (uvloop runs asyncio's own tasks); without
+    a ``get_loop`` method they read ``_loop``, one Python call less per message. Only
     the loop may call ``wake_now`` (from a callback, when no task is running: a task cannot be
     stepped from inside another); everyone else uses ``wake_soon``. Cancelling it wakes the task
     in the next pass, with ``CancelledError``, as a Future would.
     """
 
-    __slots__ = ("_asyncio_future_blocking", "_callback", "_context", "_loop", "_message", "_state")
+    __slots__ = ("_asyncio_future_blocking", "_callback", "_context", "_loop", "_state")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._state = _PENDING
+        self._state: int | asyncio.CancelledError = _PENDING
         self._asyncio_future_blocking = False
         self._callback: Callable[[Any], object] | None = None
         self._context: contextvars.Context | None = None
-        self._message: Any = None
 
     def __await__(self) -> Generator[Any, None, None]:
         if self._state == _PENDING:
             self._asyncio_future_blocking = True
             yield self  # the task calls add_done_callback, then result() once woken
 
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
     def add_done_callback(self, fn: Callable[[Any], object], *, context: contextvars.Context | None = None) -> None:
         if self._callback is not None:
             raise RuntimeError("a _Wakeup has one waiter: the task that awaits it")
         self._callback, self._context = fn, context
         if self._state != _PENDING:
-            self._loop.call_soon(fn, self, context=context)
+            self._schedule()
 
     def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
         if self._callback is None or self._callback != fn:
@@ -352,13 +354,14 @@ class _Wakeup:
         return self._state != _PENDING
 
     def cancelled(self) -> bool:
-        return self._state == _CANCELLED
+        return isinstance(self._state, asyncio.CancelledError)
 
     def result(self) -> None:
-        if self._state == _CANCELLED:
-            raise asyncio.CancelledError(*(() if self._message is None else (self._message,)))
-        if self._state == _PENDING:
+        state = self._state
+        if state == _PENDING:
             raise asyncio.InvalidStateError("not woken yet")
+        if isinstance(state, asyncio.CancelledError):
+            raise state
 
     def exception(self) -> BaseException | None:
         self.result()
@@ -367,7 +370,7 @@ class _Wakeup:
     def cancel(self, msg: Any = None) -> bool:
         if self._state != _PENDING:
             return False
-        self._state, self._message = _CANCELLED, msg
+        self._state = asyncio.CancelledError() if msg is None else asyncio.CancelledError(msg)
         self._schedule()
         return True
 
@@ -396,7 +399,8 @@ class _Wakeup:
             self._callback = self._context = None
 
     def __repr__(self) -> str:
-        return f"<forkio wake-up {('pending', 'woken', 'cancelled')[self._state]}>"
+        state = "pending" if self._state == _PENDING else "woken" if self._state == _WOKEN else "cancelled"
+        return f"<forkio wake-up {state}>"
 
 
 class _Outgoing:
