@@ -185,3 +185,21 @@ def test_afork_under_uvloop(children: Path) -> None:
         loop.close()
     assert got == [{"i": i} for i in range(500)]
     assert code == 0
+
+
+def test_afork_takes_fork_options() -> None:
+    """afork() has exactly fork()'s options: both hand their arguments to one check (_ForkPlan)."""
+    import inspect
+
+    sync, other = inspect.signature(forkio.fork), inspect.signature(forkio.afork)
+    assert list(other.parameters.values()) == list(sync.parameters.values())
+
+
+def test_afork_checks_options_before_starting() -> None:
+    """A bad option is the same error from afork() as from fork(), and nothing starts."""
+    for bad in ({"timeout": -1}, {"kill_signal": "SIGNOPE"}, {"start": "teleport"}):
+        with pytest.raises(ValueError) as sync_error:
+            forkio.fork("x.py", **bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError) as async_error:
+            run(forkio.afork("x.py", **bad))  # type: ignore[arg-type]
+        assert str(async_error.value) == str(sync_error.value)

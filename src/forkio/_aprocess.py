@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from . import _parent
 from ._aio import AsyncEndpoint, _resolve
 from ._channel import Channel
-from ._check import signal_arg, timeout_arg
+from ._check import timeout_arg
 from ._codec import DEFAULT_MAX_FRAME
 from ._errors import WaitTimeout
-from ._launch import LaunchSpec, ProcessHandle, build_spec, submit_start
-from ._process import DEFAULT_GRACE, _Process
+from ._launch import LaunchSpec, ProcessHandle, submit_start
+from ._process import DEFAULT_GRACE, _ForkPlan, _Process
 
 
 class AsyncChildProcess(_Process, AsyncEndpoint):
@@ -91,12 +91,8 @@ async def afork(script: str | os.PathLike[str] | None = None, args: Sequence[str
                 max_frame_size: int = DEFAULT_MAX_FRAME, start: str = "auto",
                 preload: Sequence[str] | None = None) -> AsyncChildProcess:
     """``fork()`` for asyncio code: the same options, an ``AsyncChildProcess`` back."""
-    timeout, kill_signal = timeout_arg(timeout, zero=False), signal_arg(kill_signal, "kill_signal")
-    spec = build_spec(script, args, module=module, cwd=cwd, env=env, executable=executable, exec_args=exec_args,
-                      stdio=stdio, serialization=serialization, detached=detached, start=start, preload=preload)
-    popen, sock, method = await asyncio.wrap_future(submit_start(spec))
-    channel = Channel(sock, serialization=spec.serialization, max_frame_size=max_frame_size, node_peer=spec.is_node)
-    return AsyncChildProcess(popen, channel, spec, kill_signal=kill_signal, timeout=timeout, start_method=method)
+    plan = _ForkPlan.checked(**locals())  # first line: locals() is afork()'s own arguments, nothing else
+    return plan.child(AsyncChildProcess, *await asyncio.wrap_future(submit_start(plan.spec)))
 
 
 class AsyncParent(AsyncEndpoint):

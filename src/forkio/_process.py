@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import threading
 import weakref
-from collections.abc import Sequence
-from typing import IO
+from collections.abc import Callable, Sequence
+from typing import IO, Any, NamedTuple, TypeVar
 
 from ._channel import Channel
 from ._check import signal_arg, timeout_arg
@@ -266,9 +267,32 @@ def fork(script: str | os.PathLike[str] | None = None, args: Sequence[str] = (),
     missing, a directory without ``__main__.py`` or unreadable the ``OSError`` opening it would
     give. No process to be had (``RLIMIT_NPROC``...) raises that ``OSError``; nothing is disabled.
     """
-    timeout, kill_signal = timeout_arg(timeout, zero=False), signal_arg(kill_signal, "kill_signal")
-    spec = build_spec(script, args, module=module, cwd=cwd, env=env, executable=executable, exec_args=exec_args,
-                      stdio=stdio, serialization=serialization, detached=detached, start=start, preload=preload)
-    popen, sock, method = launch(spec)
-    channel = Channel(sock, serialization=spec.serialization, max_frame_size=max_frame_size, node_peer=spec.is_node)
-    return ChildProcess(popen, channel, spec, kill_signal=kill_signal, timeout=timeout, start_method=method)
+    plan = _ForkPlan.checked(**locals())  # first line: locals() is fork()'s own arguments, nothing else
+    return plan.child(ChildProcess, *launch(plan.spec))
+
+
+_Child = TypeVar("_Child", bound=_Process)
+
+
+class _ForkPlan(NamedTuple):
+    """``fork()``'s and ``afork()``'s options, checked: what the launcher starts, and how the child
+    object is made once it has (the two faces differ only in how they wait for the launcher)."""
+
+    spec: LaunchSpec
+    timeout: float | None
+    kill_signal: int
+    max_frame_size: int
+
+    @classmethod
+    def checked(cls, script: str | os.PathLike[str] | None, args: Sequence[str], *, timeout: float | None,
+                kill_signal: int | str, max_frame_size: int, **spec_options: Any) -> _ForkPlan:
+        """Everything checked before anything starts (see ``fork``); ``spec_options`` go to ``build_spec``."""
+        timeout, signum = timeout_arg(timeout, zero=False), signal_arg(kill_signal, "kill_signal")
+        return cls(build_spec(script, args, **spec_options), timeout, signum, max_frame_size)
+
+    def child(self, face: Callable[..., _Child], popen: ProcessHandle, sock: socket.socket, method: str) -> _Child:
+        """The ``face`` (``ChildProcess``, ``AsyncChildProcess``) of a child the launcher has started."""
+        spec = self.spec
+        channel = Channel(sock, serialization=spec.serialization, max_frame_size=self.max_frame_size,
+                          node_peer=spec.is_node)
+        return face(popen, channel, spec, kill_signal=self.kill_signal, timeout=self.timeout, start_method=method)
