@@ -115,6 +115,22 @@ class RawConn:
             buf = buf + data if buf else data
 
 
+class StreamsConn:
+    """The asyncio reference: RawConn's framing over asyncio streams (a reader and a writer)."""
+
+    def __init__(self, reader, writer) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def send(self, msg, _dumps=pickle.dumps, _pack=HDR.pack) -> None:
+        p = _dumps(msg, 5)
+        self.writer.write(_pack(len(p)) + p)
+        await self.writer.drain()
+
+    async def recv(self, _loads=pickle.loads, _unpack=HDR.unpack):
+        head = await self.reader.readexactly(4)
+        return _loads(await self.reader.readexactly(_unpack(head)[0]))
+
+
 class RawChild:
     """``raw_child.py`` on one end of a socketpair (subprocess, inherited fd)."""
 
@@ -456,19 +472,6 @@ def bench_async_rt(cfg: dict, log) -> dict[str, list[float]]:
 
         return session
 
-    class Streams:
-        def __init__(self, reader, writer) -> None:
-            self.reader, self.writer = reader, writer
-
-        async def send(self, msg, _dumps=pickle.dumps, _pack=HDR.pack) -> None:
-            p = _dumps(msg, 5)
-            self.writer.write(_pack(len(p)) + p)
-            await self.writer.drain()
-
-        async def recv(self, _loads=pickle.loads, _unpack=HDR.unpack):
-            head = await self.reader.readexactly(4)
-            return _loads(await self.reader.readexactly(_unpack(head)[0]))
-
     def streams_session(mode: str):
         @contextlib.asynccontextmanager
         async def session():
@@ -476,7 +479,7 @@ def bench_async_rt(cfg: dict, log) -> dict[str, list[float]]:
             try:
                 reader, writer = await asyncio.open_unix_connection(sock=raw.sock)
                 try:
-                    s = Streams(reader, writer)
+                    s = StreamsConn(reader, writer)
                     if await asyncio.wait_for(s.recv(), 30) != "ready":
                         raise RuntimeError("raw child did not say ready")
                     yield lambda count: timed(s.send, s.recv, count)
