@@ -187,6 +187,30 @@ def test_afork_under_uvloop(children: Path) -> None:
     assert code == 0
 
 
+@pytest.mark.timeout(60)
+def test_aparent_under_uvloop(children: Path) -> None:
+    """The child's aparent on uvloop too: round trips, then a burst sent before any answer is read."""
+    pytest.importorskip("uvloop")
+
+    async def main() -> tuple[list[object], list[object], int]:
+        async with await forkio.afork(children / "aecho.py", ["uvloop"]) as child:
+            assert await child.recv(timeout=10) == "ready"
+            pings = []
+            for i in range(200):
+                await child.send(i)
+                pings.append(await child.recv(timeout=10))
+            for i in range(300):
+                await child.send({"burst": i})
+            burst = [await child.recv(timeout=10) for _ in range(300)]
+            child.disconnect()
+            return pings, burst, await child.wait(timeout=10)
+
+    pings, burst, code = run(main())  # type: ignore[misc]
+    assert pings == list(range(200))
+    assert burst == [{"burst": i} for i in range(300)]
+    assert code == 0
+
+
 def test_afork_takes_fork_options() -> None:
     """afork() has exactly fork()'s options: both hand their arguments to one check (_ForkPlan)."""
     import inspect

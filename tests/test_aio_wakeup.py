@@ -350,3 +350,54 @@ def test_channel_closed_under_a_waiting_recv(run: Any) -> None:
 
         assert "closed" in run(main())
 
+
+
+def test_wakeup_awaited_when_already_done(run: Any) -> None:
+    """Awaiting a _Wakeup already woken returns at once; one already cancelled raises CancelledError."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        woken = _Wakeup(loop)
+        woken.wake_soon()
+        await woken
+        cancelled = _Wakeup(loop)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+
+    run(main())
+
+
+def test_cancelled_send_not_started_is_dropped_even_if_the_writer_gets_there_first(run: Any) -> None:
+    """A send cancelled before its frame starts is dropped, also when the writer task, running
+    before the cancelled send's own handler, finds room for that frame (the peer read meanwhile)."""
+    import socket
+
+    with channel_pair() as (left, right):
+        left.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        a = AsyncEndpoint(left)
+
+        def drain() -> None:
+            while right.read_available():  # what the peer has been sent so far, decoded into its inbox
+                pass
+
+        async def main() -> list[int]:
+            sends = [asyncio.ensure_future(a.send((i, "x" * (200_000 if i == 0 else 10)))) for i in range(4)]
+            await asyncio.sleep(0)  # the first frame went out in part; the others wait in the queue
+            assert a._outgoing[0].started and not a._outgoing[2].started
+            sends[2].cancel()
+            drain()  # room for the rest: the writer task, next in line, will write on
+            results = await asyncio.wait_for(asyncio.gather(*sends, return_exceptions=True), 10)
+            assert isinstance(results[2], asyncio.CancelledError)
+            await a.send((9, "end"))
+            got = []
+            while True:
+                drain()
+                while right._inbox:
+                    got.append(right.pop(False)[0])
+                if got and got[-1] == 9:
+                    return got
+                await asyncio.sleep(0.001)
+
+        assert run(main()) == [0, 1, 3, 9]
+        a.disconnect()

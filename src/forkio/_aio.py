@@ -112,6 +112,12 @@ class AsyncEndpoint:
         outgoing = self._outgoing
         while outgoing:
             entry = outgoing[0]
+            if not entry.started and entry.done is not None and entry.done.cancelled():
+                # Its send was cancelled and has not run its handler yet: a frame not started is
+                # dropped, whoever gets there first (this loop can write many frames in one go).
+                outgoing.popleft()
+                channel.withdraw(entry.fds)
+                continue
             try:
                 if entry.handle_data is not None and channel._node is not None and channel._node.awaiting_ack:
                     await self._woken(loop)
@@ -336,6 +342,8 @@ class _Wakeup:
         if self._state == _PENDING:
             self._asyncio_future_blocking = True
             yield self  # the task calls add_done_callback, then result() once woken
+        elif self._state != _WOKEN:
+            self.result()  # cancelled before it was awaited
 
     def add_done_callback(self, fn: Callable[[Any], object], *, context: contextvars.Context | None = None) -> None:
         if self._callback is not None:

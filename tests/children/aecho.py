@@ -1,5 +1,6 @@
-"""asyncio child: echo with aparent."""
+"""asyncio child: echo with aparent (on uvloop's loop with the argument ``uvloop``)."""
 import asyncio
+import sys
 
 from forkio import aparent
 
@@ -10,4 +11,9 @@ async def main() -> None:
         await aparent.send(message)
 
 
-asyncio.run(main())
+if sys.argv[1:] == ["uvloop"]:
+    import uvloop
+
+    uvloop.run(main())
+else:
+    asyncio.run(main())
