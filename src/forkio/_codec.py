@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import struct
 from collections.abc import Callable, Sequence
@@ -71,6 +72,22 @@ _BYTES_LIKE = (bytes, bytearray, memoryview)
 # A segment fd -> one writable view over the whole segment; the view keeps the segment mapped
 # (and, for a reusable one, tells the sender when the receiver is done with it).
 Mapper = Callable[[int, bool], memoryview]
+
+
+def _compiled_hot_path() -> Any:
+    """The compiled hot path (``_speedups.c``), or None: not built, or FORKIO_PURE_PYTHON=1 asks
+    for the pure-Python path. Both behave the same; the Python code is the reference."""
+    if os.environ.get("FORKIO_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    return _speedups
+
+
+speedups = _compiled_hot_path()
+_encode_plain = speedups.encode_plain if speedups is not None else None
 
 
 # One decoded item: (message, fds, handle_kind, internal, error). A plain tuple, not a
@@ -203,19 +220,35 @@ class PickleCodec:
     def encode_message(self, message: Any, threshold: int | None, reusable: bool) -> tuple[bytes, list[memoryview]]:
         """``encode_shared`` for a message without fds, built for speed: a small message costs
         one ``pickle.dumps`` and a header, as it would without out-of-band buffers."""
-        kind = type(message)
-        if self._custom_dumps is None and (kind is dict or kind is tuple or kind not in _BYTES_LIKE):
-            oob: list[pickle.PickleBuffer] = []
-            try:
-                payload = _dumps(message, PICKLE_PROTOCOL, buffer_callback=oob.append)
-            except Exception:
-                pass  # the general path says why (or takes a memoryview out of band)
-            else:
-                size = len(payload)
-                if not oob and (threshold is None or size < threshold) and size <= self.max_frame_size:
-                    return _pack_header(MAGIC, KIND_MESSAGE, 0, 0, size) + payload, _NO_BUFFERS
-                if threshold is None or size < threshold or not _big_bytes_inside(message, threshold):
-                    return self._frame(KIND_MESSAGE, 0, 0, payload, oob, threshold, reusable)
+        if self._custom_dumps is None:
+            if _encode_plain is not None:
+                got = _encode_plain(message, threshold, self.max_frame_size)
+                if type(got) is bytes:
+                    return got, _NO_BUFFERS
+                if type(got) is tuple:
+                    return self.encode_pickled(message, got[0], threshold, reusable)
+            elif (kind := type(message)) is dict or kind is tuple or kind not in _BYTES_LIKE:
+                oob: list[pickle.PickleBuffer] = []
+                try:
+                    payload = _dumps(message, PICKLE_PROTOCOL, buffer_callback=oob.append)
+                except Exception:
+                    pass  # the general path says why (or takes a memoryview out of band)
+                else:
+                    size = len(payload)
+                    if not oob and (threshold is None or size < threshold) and size <= self.max_frame_size:
+                        return _pack_header(MAGIC, KIND_MESSAGE, 0, 0, size) + payload, _NO_BUFFERS
+                    return self.encode_pickled(message, payload, threshold, reusable, oob)
+        return self.encode_shared(message, threshold=threshold, reusable=reusable)
+
+    def encode_pickled(self, message: Any, payload: bytes, threshold: int | None, reusable: bool,
+                       oob: list[pickle.PickleBuffer] = _NO_BUFFERS,  # type: ignore[assignment]
+                       ) -> tuple[bytes, list[memoryview]]:
+        """``encode_message`` for a message already pickled (protocol 5, ``oob`` its buffers)."""
+        size = len(payload)
+        if not oob and (threshold is None or size < threshold) and size <= self.max_frame_size:
+            return _pack_header(MAGIC, KIND_MESSAGE, 0, 0, size) + payload, _NO_BUFFERS
+        if threshold is None or size < threshold or not _big_bytes_inside(message, threshold):
+            return self._frame(KIND_MESSAGE, 0, 0, payload, oob, threshold, reusable)
         return self.encode_shared(message, threshold=threshold, reusable=reusable)
 
     def _frame(self, kind: int, n_fds: int, flags: int, payload: bytes, oob: list[pickle.PickleBuffer],
@@ -284,6 +317,10 @@ class _Decoder:
     with a message that declared none) are closed at once, never queued for a later message.
     """
 
+    #: Whether a read that is exactly one whole plain frame may be decoded without feeding
+    #: it (see ``PickleDecoder``); never for JSON lines.
+    idle = False
+
     def __init__(self, max_frame_size: int) -> None:
         self._max = max_frame_size
         self._buffer = bytearray()
@@ -343,13 +380,17 @@ class PickleDecoder(_Decoder):
         self._mapper = mapper
         self._big: bytearray | None = None  # a large frame's own buffer, while it fills
         self._big_fill = 0
+        #: Nothing held back: no part of a frame, no fds. Then a read that is exactly one whole
+        #: frame without fds may be decoded on its own (here, or by the compiled ``Wire``)
+        #: without feeding it: skipping whole frames leaves the stream offsets consistent.
+        self.idle = True
 
     def feed(self, data: bytes | memoryview, fds: Sequence[int] = ()) -> list[Incoming]:
         """Add bytes (and the fds that came with them); return every frame now complete."""
         size = len(data)
-        if not fds and size >= 8 and not self._buffer and self._big is None and not self._batches:
-            # The common read: exactly one small plain message, nothing held back. Checked by
-            # the same rules as ``_frames``; anything else (or a pickle that fails) goes the long way.
+        if not fds and size >= 8 and self.idle:
+            # The common read: exactly one small plain message. Checked by the same rules as
+            # ``_frames``; anything else (or a pickle that fails) goes the long way.
             magic, kind, nfds, nbuffers, length = _unpack_header(data, 0)
             if (size == 8 + length and magic == MAGIC and kind == KIND_MESSAGE and not nfds and not nbuffers
                     and length <= self._max):
@@ -358,9 +399,14 @@ class PickleDecoder(_Decoder):
                 except Exception:
                     pass
                 else:
-                    self._fed += size
-                    self._head = self._fed
                     return [(obj, _NO_FDS, None, False, None)]
+        try:
+            return self._feed_read(data, fds)
+        finally:
+            self.idle = not self._buffer and self._big is None and not self._batches
+
+    def _feed_read(self, data: bytes | memoryview, fds: Sequence[int]) -> list[Incoming]:
+        size = len(data)
         at = self._arrived(size, fds)
         big = self._big
         if big is None:

@@ -1,0 +1,550 @@
+/* forkio._speedups: the compiled hot path of a pickle channel (optional).
+ *
+ * What a small message costs in Python is mostly the layers of calls around two system calls
+ * and a pickle. This module does the common case in one C call each way, with exactly the
+ * rules of the pure-Python path in _channel.py and _codec.py, which stays the reference and
+ * the fallback (no compiler, or FORKIO_PURE_PYTHON=1):
+ *
+ *   encode_plain(message, threshold, max_frame)  one frame for a message without fds
+ *   Wire.send(message, threshold)                 encode_plain + the write, under the send lock
+ *   Wire.recv_message()                           a blocking read; the message itself when the
+ *                                                 read is exactly one plain frame, else MORE
+ *   Wire.read(block)                              one read, for the general decoder (first the
+ *                                                 one recv_message did not decode)
+ *
+ * "Python must" answers are False (encode from scratch) or ``(pickle,)`` (frame this pickle).
+ * Anything else (fds, out-of-band buffers, large or oversized frames, pickling errors, a
+ * read that is not exactly one plain frame) is handed back to the Python path unchanged, so
+ * errors are worded and raised in one place. Frame format: see _codec.py.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#define HEADER_SIZE 8
+#define MAGIC 0xF5
+#define KIND_MESSAGE 0
+#define PICKLE_PROTOCOL 5
+#define MAX_FDS_PER_READ 64
+#define MAX_PAYLOAD 0xFFFFFFFFLL
+
+#ifdef MSG_CMSG_CLOEXEC
+#define RECV_FLAGS MSG_CMSG_CLOEXEC
+#else
+#define RECV_FLAGS 0
+#endif
+
+static PyObject *dumps;           /* pickle.dumps */
+static PyObject *loads;           /* pickle.loads */
+static PyObject *protocol;        /* 5 */
+static PyObject *dumps_kwnames;   /* ("buffer_callback",) */
+static PyObject *refuse_buffer;   /* the buffer_callback: out-of-band buffers take the Python path */
+static PyObject *OutOfBand;       /* what refuse_buffer raises */
+static PyObject *MORE;            /* recv_message's "not a message: see Wire.pending" */
+
+/* ------------------------------------------------------------------------------- encoding */
+
+static PyObject *
+refuse(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(buffer))
+{
+    PyErr_SetNone(OutOfBand);
+    return NULL;
+}
+
+static PyMethodDef refuse_def = {"_refuse_buffer", refuse, METH_O, NULL};
+
+/* The pickle of a message that may take the fast path, or Py_False (the Python path must
+ * encode it: a bytes-like message, out-of-band buffers, an error it will word), or NULL with
+ * an exception that is not an Exception (KeyboardInterrupt during a __reduce__). */
+static PyObject *
+pickle_plain(PyObject *message)
+{
+    PyTypeObject *type = Py_TYPE(message);
+    if (type == &PyBytes_Type || type == &PyByteArray_Type || type == &PyMemoryView_Type)
+        Py_RETURN_FALSE;
+    PyObject *args[3] = {message, protocol, refuse_buffer};
+    PyObject *payload = PyObject_Vectorcall(dumps, args, 2, dumps_kwnames);
+    if (payload == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return NULL;
+        PyErr_Clear();
+        Py_RETURN_FALSE;
+    }
+    if (!PyBytes_CheckExact(payload)) {
+        Py_DECREF(payload);
+        Py_RETURN_FALSE;
+    }
+    return payload;
+}
+
+static Py_ssize_t
+threshold_arg(PyObject *obj)
+{
+    if (obj == Py_None)
+        return PY_SSIZE_T_MAX;
+    return PyLong_AsSsize_t(obj);
+}
+
+static void
+put_header(unsigned char *header, Py_ssize_t length)
+{
+    header[0] = MAGIC;
+    header[1] = KIND_MESSAGE;
+    header[2] = 0;
+    header[3] = 0;
+    header[4] = (unsigned char)(length >> 24);
+    header[5] = (unsigned char)(length >> 16);
+    header[6] = (unsigned char)(length >> 8);
+    header[7] = (unsigned char)length;
+}
+
+/* Whether a pickle of ``size`` bytes goes in a plain frame (else: Python decides). */
+static int
+fits(Py_ssize_t size, Py_ssize_t threshold, Py_ssize_t max_frame)
+{
+    return size < threshold && size <= max_frame && size <= MAX_PAYLOAD;
+}
+
+/* ``(payload,)``: pickled, but only the Python path can frame it (steals the reference). */
+static PyObject *
+too_big(PyObject *payload)
+{
+    PyObject *result = PyTuple_New(1);
+    if (result == NULL) {
+        Py_DECREF(payload);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(result, 0, payload);
+    return result;
+}
+
+static PyObject *
+encode_plain(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "encode_plain(message, threshold, max_frame)");
+        return NULL;
+    }
+    Py_ssize_t threshold = threshold_arg(args[1]);
+    Py_ssize_t max_frame = PyLong_AsSsize_t(args[2]);
+    if ((threshold == -1 || max_frame == -1) && PyErr_Occurred())
+        return NULL;
+    PyObject *payload = pickle_plain(args[0]);
+    if (payload == NULL || payload == Py_False)
+        return payload;
+    Py_ssize_t size = PyBytes_GET_SIZE(payload);
+    if (!fits(size, threshold, max_frame))
+        return too_big(payload);
+    PyObject *frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + size);
+    if (frame != NULL) {
+        char *out = PyBytes_AS_STRING(frame);
+        put_header((unsigned char *)out, size);
+        memcpy(out + HEADER_SIZE, PyBytes_AS_STRING(payload), (size_t)size);
+    }
+    Py_DECREF(payload);
+    return frame;
+}
+
+/* ----------------------------------------------------------------------------------- Wire */
+
+typedef struct {
+    PyObject_HEAD
+    int fd;                 /* -1 once disabled: the channel's socket is closing */
+    PyObject *acquire;      /* the channel's send lock, as bound methods */
+    PyObject *release;
+    Py_buffer recv;         /* the channel's receive buffer, held for the wire's life */
+    Py_ssize_t max_frame;
+    PyObject *pending;      /* (nbytes, fds) of a read recv_message did not decode: read() returns it */
+    int torn;               /* a write was interrupted part-way: no frame may follow */
+} Wire;
+
+static int
+Wire_init(Wire *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "send_lock", "recv_buffer", "max_frame", NULL};
+    int fd;
+    PyObject *lock, *buffer;
+    Py_ssize_t max_frame;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOn", kwlist, &fd, &lock, &buffer, &max_frame))
+        return -1;
+    if (self->acquire != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Wire is already initialised");
+        return -1;
+    }
+    if (PyObject_GetBuffer(buffer, &self->recv, PyBUF_WRITABLE) < 0)
+        return -1;
+    self->acquire = PyObject_GetAttrString(lock, "acquire");
+    self->release = PyObject_GetAttrString(lock, "release");
+    if (self->acquire == NULL || self->release == NULL)
+        return -1;
+    self->fd = fd;
+    self->max_frame = max_frame;
+    return 0;
+}
+
+static int
+Wire_traverse(Wire *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->acquire);
+    Py_VISIT(self->release);
+    Py_VISIT(self->pending);
+    return 0;
+}
+
+static int
+Wire_clear(Wire *self)
+{
+    Py_CLEAR(self->acquire);
+    Py_CLEAR(self->release);
+    Py_CLEAR(self->pending);
+    return 0;
+}
+
+static void
+Wire_dealloc(Wire *self)
+{
+    PyObject_GC_UnTrack(self);
+    Wire_clear(self);
+    if (self->recv.obj != NULL)
+        PyBuffer_Release(&self->recv);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Call the lock's release, keeping whatever exception is pending. */
+static void
+release_lock(Wire *self)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *r = PyObject_CallNoArgs(self->release);
+    if (r == NULL)
+        PyErr_WriteUnraisable(self->release);
+    Py_XDECREF(r);
+    PyErr_Restore(type, value, traceback);
+}
+
+/* Write the whole frame (header + payload) with the GIL released, as sendall does: a signal
+ * handler that raises stops it (marking the wire torn when part of the frame went out). */
+static int
+write_frame(Wire *self, const unsigned char *header, PyObject *payload)
+{
+    struct iovec iov[2];
+    iov[0].iov_base = (void *)header;
+    iov[0].iov_len = HEADER_SIZE;
+    iov[1].iov_base = PyBytes_AS_STRING(payload);
+    iov[1].iov_len = (size_t)PyBytes_GET_SIZE(payload);
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 2;
+    size_t sent = 0;
+    while (msg.msg_iovlen) {
+        ssize_t n;
+        int fd = self->fd;
+        Py_BEGIN_ALLOW_THREADS
+        n = sendmsg(fd, &msg, 0);
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() < 0) {
+                    self->torn = sent > 0;
+                    return -1;
+                }
+                continue;
+            }
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        sent += (size_t)n;
+        while (msg.msg_iovlen && (size_t)n >= msg.msg_iov[0].iov_len) {
+            n -= (ssize_t)msg.msg_iov[0].iov_len;
+            msg.msg_iov++;
+            msg.msg_iovlen--;
+        }
+        if (msg.msg_iovlen) {
+            msg.msg_iov[0].iov_base = (char *)msg.msg_iov[0].iov_base + n;
+            msg.msg_iov[0].iov_len -= (size_t)n;
+            /* As sendall does: a signal can cut a write short without EINTR. */
+            if (PyErr_CheckSignals() < 0) {
+                self->torn = 1;
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* None once sent; False when the Python path must send it (nothing written); ``(pickle,)`` when
+ * only the Python path can frame it (large, oversized); raises OSError from the write. */
+static PyObject *
+Wire_send(Wire *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "send(message, threshold)");
+        return NULL;
+    }
+    Py_ssize_t threshold = threshold_arg(args[1]);
+    if (threshold == -1 && PyErr_Occurred())
+        return NULL;
+    if (self->fd < 0)
+        Py_RETURN_FALSE;
+    PyObject *payload = pickle_plain(args[0]);
+    if (payload == NULL || payload == Py_False)
+        return payload;
+    Py_ssize_t size = PyBytes_GET_SIZE(payload);
+    if (!fits(size, threshold, self->max_frame))
+        return too_big(payload);
+    unsigned char header[HEADER_SIZE];
+    put_header(header, size);
+    PyObject *r = PyObject_CallNoArgs(self->acquire);
+    if (r == NULL) {
+        Py_DECREF(payload);
+        return NULL;
+    }
+    Py_DECREF(r);
+    int result;
+    if (self->fd < 0) {  /* closed since: the Python path says so */
+        release_lock(self);
+        Py_DECREF(payload);
+        Py_RETURN_FALSE;
+    }
+    result = write_frame(self, header, payload);
+    release_lock(self);
+    Py_DECREF(payload);
+    if (result < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+fds_from(struct msghdr *msg)
+{
+    PyObject *fds = PyList_New(0);
+    if (fds == NULL)
+        return NULL;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c != NULL; c = CMSG_NXTHDR(msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int *at = (int *)CMSG_DATA(c);
+        for (size_t i = 0; i < count; i++) {
+            int fd;
+            memcpy(&fd, at + i, sizeof fd);
+            PyObject *n = PyLong_FromLong(fd);
+            if (n == NULL || PyList_Append(fds, n) < 0) {
+                Py_XDECREF(n);
+                Py_DECREF(fds);
+                return NULL;
+            }
+            Py_DECREF(n);
+        }
+    }
+    return fds;
+}
+
+/* One read into the receive buffer. Returns the byte count (0: end of stream), -2 when a
+ * non-blocking read found nothing, -1 with an exception; ``*fds`` is a new list or NULL. */
+static Py_ssize_t
+read_once(Wire *self, int block, PyObject **fds)
+{
+    union {
+        char buf[CMSG_SPACE(MAX_FDS_PER_READ * sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov = {self->recv.buf, (size_t)self->recv.len};
+    struct msghdr msg;
+    *fds = NULL;
+    for (;;) {
+        ssize_t n;
+        int fd = self->fd;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.buf;
+        msg.msg_controllen = sizeof control.buf;
+        if (fd < 0) {
+            errno = EBADF;
+            n = -1;
+        }
+        else {
+            Py_BEGIN_ALLOW_THREADS
+            n = recvmsg(fd, &msg, RECV_FLAGS | (block ? 0 : MSG_DONTWAIT));
+            Py_END_ALLOW_THREADS
+        }
+        if (n < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return -1;
+                continue;
+            }
+            if (!block && (errno == EAGAIN || errno == EWOULDBLOCK))
+                return -2;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        if (msg.msg_controllen > 0) {
+            *fds = fds_from(&msg);
+            if (*fds == NULL)
+                return -1;  /* out of memory: the fds leak, as they would in Python */
+        }
+        return n;
+    }
+}
+
+static PyObject *
+pair(Py_ssize_t nbytes, PyObject *fds)
+{
+    if (fds == NULL) {
+        fds = PyList_New(0);
+        if (fds == NULL)
+            return NULL;
+    }
+    PyObject *result = Py_BuildValue("(nN)", nbytes, fds);
+    return result;
+}
+
+static PyObject *
+Wire_read(Wire *self, PyObject *block)
+{
+    if (self->pending != NULL) {  /* what recv_message read and did not decode comes first */
+        PyObject *pending = self->pending;
+        self->pending = NULL;
+        return pending;
+    }
+    PyObject *fds;
+    Py_ssize_t n = read_once(self, PyObject_IsTrue(block), &fds);
+    if (n == -1)
+        return NULL;
+    if (n == -2)
+        Py_RETURN_NONE;
+    return pair(n, fds);
+}
+
+static PyObject *
+Wire_recv_message(Wire *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *fds;
+    Py_ssize_t n = read_once(self, 1, &fds);
+    if (n == -1)
+        return NULL;
+    const unsigned char *b = (const unsigned char *)self->recv.buf;
+    if (fds == NULL && n >= HEADER_SIZE && b[0] == MAGIC && b[1] == KIND_MESSAGE && b[2] == 0 && b[3] == 0) {
+        Py_ssize_t length = ((Py_ssize_t)b[4] << 24) | ((Py_ssize_t)b[5] << 16) | ((Py_ssize_t)b[6] << 8) | b[7];
+        if (length == n - HEADER_SIZE && length <= self->max_frame) {
+            PyObject *view = PyMemoryView_FromMemory((char *)b + HEADER_SIZE, length, PyBUF_READ);
+            if (view == NULL)
+                return NULL;
+            PyObject *message = PyObject_CallOneArg(loads, view);
+            Py_DECREF(view);
+            if (message != NULL)
+                return message;
+            if (!PyErr_ExceptionMatches(PyExc_Exception))
+                return NULL;
+            PyErr_Clear();  /* the decoder reads it again and words the error */
+        }
+    }
+    PyObject *got = pair(n, fds);
+    if (got == NULL)
+        return NULL;
+    Py_XSETREF(self->pending, got);
+    Py_INCREF(MORE);
+    return MORE;
+}
+
+static PyObject *
+Wire_disable(Wire *self, PyObject *Py_UNUSED(ignored))
+{
+    self->fd = -1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Wire_get_torn(Wire *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->torn);
+}
+
+static PyMethodDef Wire_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))Wire_send, METH_FASTCALL,
+     "send(message, threshold): None once sent; False or (pickle,) when the Python path must send it."},
+    {"recv_message", (PyCFunction)Wire_recv_message, METH_NOARGS,
+     "Blocking read: the message when the read is exactly one plain frame, else MORE (read() returns the read)."},
+    {"read", (PyCFunction)Wire_read, METH_O,
+     "read(block): (nbytes, fds) of one read (first the one recv_message kept), or None when none was ready."},
+    {"disable", (PyCFunction)Wire_disable, METH_NOARGS, "Stop using the fd (call under the send lock)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Wire_getset[] = {
+    {"torn", (getter)Wire_get_torn, NULL, "True once a write was interrupted part-way.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject WireType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "forkio._speedups.Wire",
+    .tp_basicsize = sizeof(Wire),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The socket side of a pickle channel, in C: see _channel.Channel.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Wire_init,
+    .tp_dealloc = (destructor)Wire_dealloc,
+    .tp_traverse = (traverseproc)Wire_traverse,
+    .tp_clear = (inquiry)Wire_clear,
+    .tp_methods = Wire_methods,
+    .tp_getset = Wire_getset,
+};
+
+/* --------------------------------------------------------------------------------- module */
+
+static PyMethodDef module_methods[] = {
+    {"encode_plain", (PyCFunction)(void (*)(void))encode_plain, METH_FASTCALL,
+     "encode_plain(message, threshold, max_frame): a plain frame; False or (pickle,) when Python must frame it."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "forkio._speedups", "The compiled hot path of a pickle channel (optional).", -1,
+    module_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL)
+        return NULL;
+    PyObject *pickle = PyImport_ImportModule("pickle");
+    if (pickle == NULL)
+        goto fail;
+    dumps = PyObject_GetAttrString(pickle, "dumps");
+    loads = PyObject_GetAttrString(pickle, "loads");
+    Py_DECREF(pickle);
+    protocol = PyLong_FromLong(PICKLE_PROTOCOL);
+    dumps_kwnames = Py_BuildValue("(s)", "buffer_callback");
+    refuse_buffer = PyCFunction_New(&refuse_def, NULL);
+    OutOfBand = PyErr_NewException("forkio._speedups.OutOfBand", NULL, NULL);
+    MORE = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
+    if (!dumps || !loads || !protocol || !dumps_kwnames || !refuse_buffer || !OutOfBand || !MORE)
+        goto fail;
+    if (PyType_Ready(&WireType) < 0)
+        goto fail;
+    Py_INCREF(&WireType);
+    if (PyModule_AddObject(module, "Wire", (PyObject *)&WireType) < 0) {
+        Py_DECREF(&WireType);
+        goto fail;
+    }
+    Py_INCREF(MORE);
+    if (PyModule_AddObject(module, "MORE", MORE) < 0) {
+        Py_DECREF(MORE);
+        goto fail;
+    }
+    return module;
+fail:
+    Py_DECREF(module);
+    return NULL;
+}
