@@ -270,6 +270,79 @@ def test_a_signal_in_a_half_written_frame_breaks_the_channel_cleanly(pair: tuple
     assert decoder.feed(bytes(received)) == [] and decoder.pending == len(received)
 
 
+# ---------------------------------------------------------------------------- JSON lines
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=20)
+
+
+@pytest.fixture
+def json_pair(path: str) -> Iterator[tuple[Channel, Channel]]:
+    a, b = socket.socketpair()
+    left, right = Channel(a, serialization="json"), Channel(b, serialization="json")
+    assert (left._wire is None) == (path == "pure")
+    yield left, right
+    left.close()
+    right.close()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(json_values, min_size=1, max_size=6))
+def test_json_lines_are_the_codec_s_bytes_and_arrive_in_order(json_pair: tuple[Channel, Channel],
+                                                              batch: list[Any]) -> None:
+    left, right = json_pair
+    expected = b"".join(left.codec.encode(message) for message in batch)
+    for message in batch:
+        left.send(message)
+    assert [right.recv(timeout=5) for _ in batch] == batch
+    # And the bytes on the wire are the codec's own: send them raw, read them the same way.
+    left.sock.sendall(expected)
+    assert [right.recv(timeout=5) for _ in batch] == batch
+
+
+def test_json_lines_that_take_the_long_way(json_pair: tuple[Channel, Channel]) -> None:
+    """Whitespace around a value, a lone surrogate, Node's internal messages, a split line, garbage."""
+    left, right = json_pair
+    left.sock.sendall(b' {"a": 1} \n')
+    assert right.recv(timeout=5) == {"a": 1}
+    left.send(["\ud800 lone", "é"])  # escaped as \ud800, as JSON.stringify does: valid UTF-8
+    assert right.recv(timeout=5) == ["\ud800 lone", "é"]
+    left.sock.sendall(b'{"cmd":"NODE_SOMETHING","x":1}\n')  # internal: never returned by recv
+    left.send({"cmd": "NODE_", "plain": True})  # "NODE_" alone is not internal (Node's rule)
+    assert right.recv(timeout=5) == {"cmd": "NODE_", "plain": True}
+    left.sock.sendall(b'{"sp')
+    got: list[Any] = []
+    reader = threading.Thread(target=lambda: got.append(right.recv(timeout=10)))
+    reader.start()
+    left.sock.sendall(b'lit": 2}\n[1]\n')
+    reader.join(timeout=10)
+    assert got == [{"split": 2}] and right.recv(timeout=5) == [1]
+    left.sock.sendall(b"not json\n")
+    with pytest.raises(ProtocolError):
+        right.recv(timeout=5)
+    left.send({"after": "garbage"})
+    assert right.recv(timeout=5) == {"after": "garbage"}
+
+
+def test_json_refusals_read_the_same(path: str) -> None:
+    a, b = socket.socketpair()
+    left, right = Channel(a, serialization="json", max_frame_size=64), Channel(b, serialization="json")
+    try:
+        with pytest.raises(SerializationError, match="max_frame_size"):
+            left.send("x" * 100)
+        with pytest.raises(SerializationError, match="cannot serialise"):
+            left.send({"nan": float("nan")})
+        with pytest.raises(SerializationError, match="cannot serialise"):
+            left.send({1, 2})
+        left.send("fine")
+        assert right.recv(timeout=5) == "fine"
+    finally:
+        left.close()
+        right.close()
+
+
 # ------------------------------------------------------------------- the rest of the suite, pure
 CHANNEL_SUITES = ["test_codec.py", "test_hardening_io.py", "test_zerocopy.py", "test_fork.py", "test_api.py",
                   "test_aio.py", "test_node_protocol.py", "test_node.py"]

@@ -126,11 +126,10 @@ class Channel:
         self.on_control: Any = None
         self._node = NodeLink(self, node_peer=node_peer) if serialization == "json" else None
         # The compiled hot path (see _speedups.c) where it is built: the same socket, send lock and
-        # receive buffer, so both paths can take turns. It reads for both codecs; it encodes
-        # and sends pickle messages only.
-        self._wire = (speedups.Wire(self.fd, self._send_lock, self._recv_buffer, max_frame_size)
+        # receive buffer, so both paths can take turns.
+        self._wire = (speedups.Wire(self.fd, self._send_lock, self._recv_buffer, max_frame_size,
+                                    **({} if self._pickle is not None else cast(JsonCodec, self.codec).wire_options()))
                       if speedups is not None else None)
-        self._wire_sends = self._wire if self._pickle is not None else None
 
     # ----------------------------------------------------------------- state
     @property
@@ -282,9 +281,9 @@ class Channel:
     def send(self, message: Message, handle: Handle | None = None) -> None:
         """Send one message, blocking while the peer is behind (backpressure)."""
         if handle is None:
-            wire = self._wire_sends
+            wire = self._wire
             if wire is not None and self._broken is None:
-                # Compiled: pickle, frame and write in one call (under the send lock).
+                # Compiled: encode, frame and write in one call (under the send lock).
                 try:
                     rest = wire.send(message, self.zero_copy_threshold)
                 except OSError as exc:

@@ -32,7 +32,7 @@ import os
 import pickle
 import struct
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from ._errors import ProtocolError, SerializationError
 from ._handles import RAW_FD, close_fds
@@ -317,9 +317,10 @@ class _Decoder:
     with a message that declared none) are closed at once, never queued for a later message.
     """
 
-    #: Whether a read that is exactly one whole plain frame may be decoded without feeding
-    #: it (see ``PickleDecoder``); never for JSON lines.
-    idle = False
+    #: Nothing held back (no part of a message, no fds): then a read that is exactly one whole
+    #: message may be decoded on its own, here or by the compiled ``Wire``, without feeding it.
+    #: Skipping whole messages leaves the stream offsets consistent.
+    idle = True
 
     def __init__(self, max_frame_size: int) -> None:
         self._max = max_frame_size
@@ -380,10 +381,6 @@ class PickleDecoder(_Decoder):
         self._mapper = mapper
         self._big: bytearray | None = None  # a large frame's own buffer, while it fills
         self._big_fill = 0
-        #: Nothing held back: no part of a frame, no fds. Then a read that is exactly one whole
-        #: frame without fds may be decoded on its own (here, or by the compiled ``Wire``)
-        #: without feeding it: skipping whole frames leaves the stream offsets consistent.
-        self.idle = True
 
     def feed(self, data: bytes | memoryview, fds: Sequence[int] = ()) -> list[Incoming]:
         """Add bytes (and the fds that came with them); return every frame now complete."""
@@ -571,6 +568,10 @@ class JsonCodec:
         self.max_frame_size = max_frame_size
         self._dumps = _json_dumps()
 
+    def wire_options(self) -> dict[str, Any]:
+        """How the compiled ``Wire`` encodes and decodes the common case, exactly as this codec does."""
+        return {"json_dumps": self._dumps, "json_scan": cast(Any, json.JSONDecoder()).scan_once}
+
     def encode(self, message: Any, handle_kind: str | None = None, *, control: bool = False,
                handle_fields: dict[str, str] | None = None) -> bytes:
         """One line; with a handle it is wrapped in Node's ``NODE_HANDLE`` envelope (plus ``handle_fields``)."""
@@ -580,7 +581,10 @@ class JsonCodec:
             text = self._dumps(message)
         except (TypeError, ValueError, RecursionError) as exc:
             raise _unserialisable(exc, message) from exc
-        line = text.encode("utf-8", "surrogatepass") + b"\n"
+        try:
+            line = text.encode("utf-8") + b"\n"
+        except UnicodeEncodeError:  # a lone surrogate: escaped, as JSON.stringify does (never invalid UTF-8)
+            line = _json_dumps_ascii(message).encode("ascii") + b"\n"
         if len(line) > self.max_frame_size:  # a forkio peer would refuse the line
             raise SerializationError(f"message line of {len(line)} bytes exceeds max_frame_size={self.max_frame_size}:"
                                      " nothing was sent")
@@ -588,6 +592,9 @@ class JsonCodec:
 
     def decoder(self) -> JsonDecoder:
         return JsonDecoder(self.max_frame_size)
+
+
+_json_dumps_ascii = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
 def _json_dumps() -> Callable[[Any], str]:
@@ -638,17 +645,22 @@ class JsonDecoder(_Decoder):
         """Add bytes (and fds); return every complete line decoded."""
         chunk = data if isinstance(data, bytes) else bytes(data)
         size = len(chunk)
-        if (not fds and not self._buffer and not self._skipping and not self._batches
-                and chunk.find(b"\n") == size - 1 and 1 < size <= self._max):
-            # The common read: exactly one whole line, nothing held back (same rules as ``_line``).
+        if not fds and self.idle and chunk.find(b"\n") == size - 1 and 1 < size <= self._max:
+            # The common read: exactly one whole line, nothing held back (same rules as below).
             try:
                 obj = self._loads(chunk.decode("utf-8"))
             except (ValueError, UnicodeDecodeError, RecursionError):
                 pass  # the long way says why
             else:
                 if not is_internal(obj):
-                    self._fed += size
                     return [(obj, _NO_FDS, None, False, None)]
+        try:
+            return self._feed_read(chunk, fds)
+        finally:
+            self.idle = not self._buffer and not self._skipping and not self._batches
+
+    def _feed_read(self, chunk: bytes, fds: Sequence[int]) -> list[Incoming]:
+        size = len(chunk)
         at = self._arrived(size, fds)
         out: list[Incoming] = []
         if self._skipping:

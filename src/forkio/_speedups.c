@@ -44,7 +44,9 @@ static PyObject *protocol;        /* 5 */
 static PyObject *dumps_kwnames;   /* ("buffer_callback",) */
 static PyObject *refuse_buffer;   /* the buffer_callback: out-of-band buffers take the Python path */
 static PyObject *OutOfBand;       /* what refuse_buffer raises */
-static PyObject *MORE;            /* recv_message's "not a message: see Wire.pending" */
+static PyObject *MORE;            /* recv_message's "not a message: read() returns the read" */
+static PyObject *node_prefix;     /* "NODE_" */
+static PyObject *zero;            /* 0 */
 
 /* ------------------------------------------------------------------------------- encoding */
 
@@ -160,17 +162,24 @@ typedef struct {
     Py_ssize_t max_frame;
     PyObject *pending;      /* (nbytes, fds) of a read recv_message did not decode: read() returns it */
     int torn;               /* a write was interrupted part-way: no frame may follow */
+    PyObject *json_dumps;   /* JSON channels (Node's format): message -> str, as JsonCodec does */
+    PyObject *json_scan;    /* and a json scanner: scan(str, 0) -> (value, end) */
 } Wire;
 
 static int
 Wire_init(Wire *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "send_lock", "recv_buffer", "max_frame", NULL};
+    static char *kwlist[] = {"fd", "send_lock", "recv_buffer", "max_frame", "json_dumps", "json_scan", NULL};
     int fd;
-    PyObject *lock, *buffer;
+    PyObject *lock, *buffer, *json_dumps = Py_None, *json_scan = Py_None;
     Py_ssize_t max_frame;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOn", kwlist, &fd, &lock, &buffer, &max_frame))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOn|$OO", kwlist, &fd, &lock, &buffer, &max_frame,
+                                     &json_dumps, &json_scan))
         return -1;
+    if ((json_dumps == Py_None) != (json_scan == Py_None)) {
+        PyErr_SetString(PyExc_TypeError, "json_dumps and json_scan go together");
+        return -1;
+    }
     if (self->acquire != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Wire is already initialised");
         return -1;
@@ -181,6 +190,12 @@ Wire_init(Wire *self, PyObject *args, PyObject *kwds)
     self->release = PyObject_GetAttrString(lock, "release");
     if (self->acquire == NULL || self->release == NULL)
         return -1;
+    if (json_dumps != Py_None) {
+        Py_INCREF(json_dumps);
+        Py_INCREF(json_scan);
+        self->json_dumps = json_dumps;
+        self->json_scan = json_scan;
+    }
     self->fd = fd;
     self->max_frame = max_frame;
     return 0;
@@ -192,6 +207,8 @@ Wire_traverse(Wire *self, visitproc visit, void *arg)
     Py_VISIT(self->acquire);
     Py_VISIT(self->release);
     Py_VISIT(self->pending);
+    Py_VISIT(self->json_dumps);
+    Py_VISIT(self->json_scan);
     return 0;
 }
 
@@ -201,6 +218,8 @@ Wire_clear(Wire *self)
     Py_CLEAR(self->acquire);
     Py_CLEAR(self->release);
     Py_CLEAR(self->pending);
+    Py_CLEAR(self->json_dumps);
+    Py_CLEAR(self->json_scan);
     return 0;
 }
 
@@ -227,16 +246,16 @@ release_lock(Wire *self)
     PyErr_Restore(type, value, traceback);
 }
 
-/* Write the whole frame (header + payload) with the GIL released, as sendall does: a signal
+/* Write a whole frame, given in two pieces, with the GIL released, as sendall does: a signal
  * handler that raises stops it (marking the wire torn when part of the frame went out). */
 static int
-write_frame(Wire *self, const unsigned char *header, PyObject *payload)
+write_frame(Wire *self, const char *first, size_t first_len, const char *second, size_t second_len)
 {
     struct iovec iov[2];
-    iov[0].iov_base = (void *)header;
-    iov[0].iov_len = HEADER_SIZE;
-    iov[1].iov_base = PyBytes_AS_STRING(payload);
-    iov[1].iov_len = (size_t)PyBytes_GET_SIZE(payload);
+    iov[0].iov_base = (void *)first;
+    iov[0].iov_len = first_len;
+    iov[1].iov_base = (void *)second;
+    iov[1].iov_len = second_len;
     struct msghdr msg;
     memset(&msg, 0, sizeof msg);
     msg.msg_iov = iov;
@@ -280,6 +299,52 @@ write_frame(Wire *self, const unsigned char *header, PyObject *payload)
 
 /* None once sent; False when the Python path must send it (nothing written); ``(pickle,)`` when
  * only the Python path can frame it (large, oversized); raises OSError from the write. */
+/* Write ``first`` + ``second`` under the send lock. ``owner`` keeps the bytes alive; this takes
+ * its reference. None once written; False when the channel closed meanwhile (nothing written). */
+static PyObject *
+send_locked(Wire *self, PyObject *owner, const char *first, size_t first_len, const char *second,
+            size_t second_len)
+{
+    PyObject *r = PyObject_CallNoArgs(self->acquire);
+    if (r == NULL) {
+        Py_DECREF(owner);
+        return NULL;
+    }
+    Py_DECREF(r);
+    if (self->fd < 0) {  /* closed since: the Python path says so */
+        release_lock(self);
+        Py_DECREF(owner);
+        Py_RETURN_FALSE;
+    }
+    int result = write_frame(self, first, first_len, second, second_len);
+    release_lock(self);
+    Py_DECREF(owner);
+    if (result < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* A JSON line for ``message`` (as JsonCodec.encode), or False for the Python path to send. */
+static PyObject *
+send_json(Wire *self, PyObject *message)
+{
+    PyObject *text = PyObject_CallOneArg(self->json_dumps, message);
+    if (text == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return NULL;
+        PyErr_Clear();
+        Py_RETURN_FALSE;
+    }
+    Py_ssize_t size;
+    const char *utf8 = PyUnicode_Check(text) ? PyUnicode_AsUTF8AndSize(text, &size) : NULL;
+    if (utf8 == NULL || size + 1 > self->max_frame) {  /* lone surrogates, too long: Python's way */
+        PyErr_Clear();
+        Py_DECREF(text);
+        Py_RETURN_FALSE;
+    }
+    return send_locked(self, text, utf8, (size_t)size, "\n", 1);
+}
+
 static PyObject *
 Wire_send(Wire *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -287,11 +352,13 @@ Wire_send(Wire *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "send(message, threshold)");
         return NULL;
     }
+    if (self->fd < 0)
+        Py_RETURN_FALSE;
+    if (self->json_dumps != NULL)
+        return send_json(self, args[0]);
     Py_ssize_t threshold = threshold_arg(args[1]);
     if (threshold == -1 && PyErr_Occurred())
         return NULL;
-    if (self->fd < 0)
-        Py_RETURN_FALSE;
     PyObject *payload = pickle_plain(args[0]);
     if (payload == NULL || payload == Py_False)
         return payload;
@@ -300,24 +367,7 @@ Wire_send(Wire *self, PyObject *const *args, Py_ssize_t nargs)
         return too_big(payload);
     unsigned char header[HEADER_SIZE];
     put_header(header, size);
-    PyObject *r = PyObject_CallNoArgs(self->acquire);
-    if (r == NULL) {
-        Py_DECREF(payload);
-        return NULL;
-    }
-    Py_DECREF(r);
-    int result;
-    if (self->fd < 0) {  /* closed since: the Python path says so */
-        release_lock(self);
-        Py_DECREF(payload);
-        Py_RETURN_FALSE;
-    }
-    result = write_frame(self, header, payload);
-    release_lock(self);
-    Py_DECREF(payload);
-    if (result < 0)
-        return NULL;
-    Py_RETURN_NONE;
+    return send_locked(self, payload, (const char *)header, HEADER_SIZE, PyBytes_AS_STRING(payload), (size_t)size);
 }
 
 static PyObject *
@@ -424,6 +474,48 @@ Wire_read(Wire *self, PyObject *block)
     return pair(n, fds);
 }
 
+/* Node's rule (_codec.is_internal): an object whose cmd is "NODE_" and more is internal. */
+static int
+is_internal(PyObject *value)
+{
+    if (!PyDict_Check(value))
+        return 0;
+    PyObject *cmd = PyDict_GetItemString(value, "cmd");  /* borrowed; str keys cannot raise */
+    if (cmd == NULL || !PyUnicode_Check(cmd) || PyUnicode_GET_LENGTH(cmd) <= 5)
+        return 0;
+    return PyUnicode_Tailmatch(cmd, node_prefix, 0, 5, -1) == 1;
+}
+
+/* The value of a read that is exactly one JSON line, or NULL without an exception (the
+ * decoder reads it again: errors, internal messages, whitespace, anything unusual). */
+static PyObject *
+json_line(Wire *self, const char *b, Py_ssize_t n)
+{
+    if (n < 2 || n > self->max_frame || b[n - 1] != '\n' || memchr(b, '\n', (size_t)(n - 1)) != NULL)
+        return NULL;
+    if (b[0] == ' ' || b[0] == '\t' || b[0] == '\r')
+        return NULL;
+    PyObject *text = PyUnicode_DecodeUTF8(b, n - 1, "strict");
+    if (text == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *args[2] = {text, zero};
+    PyObject *got = PyObject_Vectorcall(self->json_scan, args, 2, NULL);
+    PyObject *value = NULL;
+    if (got != NULL && PyTuple_CheckExact(got) && PyTuple_GET_SIZE(got) == 2
+            && PyLong_AsSsize_t(PyTuple_GET_ITEM(got, 1)) == PyUnicode_GET_LENGTH(text)) {
+        value = PyTuple_GET_ITEM(got, 0);
+        if (is_internal(value))
+            value = NULL;
+        else
+            Py_INCREF(value);
+    }
+    Py_XDECREF(got);
+    Py_DECREF(text);
+    return value;
+}
+
 static PyObject *
 Wire_recv_message(Wire *self, PyObject *Py_UNUSED(ignored))
 {
@@ -432,7 +524,19 @@ Wire_recv_message(Wire *self, PyObject *Py_UNUSED(ignored))
     if (n == -1)
         return NULL;
     const unsigned char *b = (const unsigned char *)self->recv.buf;
-    if (fds == NULL && n >= HEADER_SIZE && b[0] == MAGIC && b[1] == KIND_MESSAGE && b[2] == 0 && b[3] == 0) {
+    if (self->json_dumps != NULL) {
+        if (fds == NULL) {
+            PyObject *value = json_line(self, (const char *)b, n);
+            if (value != NULL)
+                return value;
+            if (PyErr_Occurred()) {
+                if (!PyErr_ExceptionMatches(PyExc_Exception))
+                    return NULL;
+                PyErr_Clear();
+            }
+        }
+    }
+    else if (fds == NULL && n >= HEADER_SIZE && b[0] == MAGIC && b[1] == KIND_MESSAGE && b[2] == 0 && b[3] == 0) {
         Py_ssize_t length = ((Py_ssize_t)b[4] << 24) | ((Py_ssize_t)b[5] << 16) | ((Py_ssize_t)b[6] << 8) | b[7];
         if (length == n - HEADER_SIZE && length <= self->max_frame) {
             PyObject *view = PyMemoryView_FromMemory((char *)b + HEADER_SIZE, length, PyBUF_READ);
@@ -529,7 +633,10 @@ PyInit__speedups(void)
     refuse_buffer = PyCFunction_New(&refuse_def, NULL);
     OutOfBand = PyErr_NewException("forkio._speedups.OutOfBand", NULL, NULL);
     MORE = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
-    if (!dumps || !loads || !protocol || !dumps_kwnames || !refuse_buffer || !OutOfBand || !MORE)
+    node_prefix = PyUnicode_FromString("NODE_");
+    zero = PyLong_FromLong(0);
+    if (!dumps || !loads || !protocol || !dumps_kwnames || !refuse_buffer || !OutOfBand || !MORE || !node_prefix
+            || !zero)
         goto fail;
     if (PyType_Ready(&WireType) < 0)
         goto fail;
