@@ -127,7 +127,7 @@ class Channel:
         self._node = NodeLink(self, node_peer=node_peer) if serialization == "json" else None
         # The compiled hot path (see _speedups.c) where it is built: the same socket, send lock and
         # receive buffer, so both paths can take turns.
-        self._wire = (speedups.Wire(self.fd, self._send_lock, self._recv_buffer, max_frame_size,
+        self._wire = (speedups.Wire(self.fd, self._send_lock, self._recv_buffer, max_frame_size, self._inbox, _NO_FDS,
                                     **({} if self._pickle is not None else cast(JsonCodec, self.codec).wire_options()))
                       if speedups is not None else None)
 
@@ -452,8 +452,9 @@ class Channel:
                 got = wire.read(block)
                 if got is None:
                     return False
-                nbytes, fds = got
+                start, nbytes, fds = got
             else:
+                start = 0
                 nbytes, ancdata, _flags, _ = self.sock.recvmsg_into(
                     self._recv_views, _ANC_SIZE, _RECV_FLAGS if block else _RECV_FLAGS_NOWAIT)
                 fds = _fds_from_ancdata(ancdata) if ancdata else _NO_FDS
@@ -466,7 +467,7 @@ class Channel:
             self._ended(fds)
             return True
         try:
-            items = self._decoder.feed(self._recv_view[:nbytes], fds)
+            items = self._decoder.feed(self._recv_view[start:nbytes], fds)
         except ProtocolError as exc:
             self._broken = exc
             self._inbox.append((None, [], None, False, exc))
@@ -600,7 +601,7 @@ class Channel:
                     if not inbox:
                         wire = self._wire
                         if wire is not None and self._decoder.idle:
-                            # Compiled: one read; the message itself when it is one plain frame.
+                            # Compiled: one read; the first message when it holds whole plain frames.
                             try:
                                 message = wire.recv_message()
                             except OSError as exc:
@@ -608,7 +609,7 @@ class Channel:
                             else:
                                 if message is not _MORE:
                                     return message
-                                self.read_available()  # decodes the read recv_message kept
+                                self.read_available()  # decodes what recv_message left
                         else:
                             self.read_available(block=True)
                 finally:

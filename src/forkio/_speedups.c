@@ -7,10 +7,11 @@
  *
  *   encode_plain(message, threshold, max_frame)  one frame for a message without fds
  *   Wire.send(message, threshold)                 encode_plain + the write, under the send lock
- *   Wire.recv_message()                           a blocking read; the message itself when the
- *                                                 read is exactly one plain frame, else MORE
- *   Wire.read(block)                              one read, for the general decoder (first the
- *                                                 one recv_message did not decode)
+ *   Wire.recv_message()                           a blocking read; the first message when the
+ *                                                 read holds whole plain frames (the others go to
+ *                                                 the inbox), else MORE
+ *   Wire.read(block)                              one read, for the general decoder (first what
+ *                                                 recv_message left to it)
  *
  * "Python must" answers are False (encode from scratch) or ``(pickle,)`` (frame this pickle).
  * Anything else (fds, out-of-band buffers, large or oversized frames, pickling errors, a
@@ -160,21 +161,25 @@ typedef struct {
     PyObject *release;
     Py_buffer recv;         /* the channel's receive buffer, held for the wire's life */
     Py_ssize_t max_frame;
-    PyObject *pending;      /* (nbytes, fds) of a read recv_message did not decode: read() returns it */
+    PyObject *pending;      /* (start, end, fds): bytes recv_message left to the decoder; read() returns it */
     int torn;               /* a write was interrupted part-way: no frame may follow */
     PyObject *json_dumps;   /* JSON channels (Node's format): message -> str, as JsonCodec does */
     PyObject *json_scan;    /* and a json scanner: scan(str, 0) -> (value, end) */
+    PyObject *inbox_append; /* the channel's inbox (a deque), where extra messages of a read go */
+    PyObject *inbox_appendleft;
+    PyObject *no_fds;       /* the decoder's shared empty fd list, for the inbox's items */
 } Wire;
 
 static int
 Wire_init(Wire *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "send_lock", "recv_buffer", "max_frame", "json_dumps", "json_scan", NULL};
+    static char *kwlist[] = {"fd", "send_lock", "recv_buffer", "max_frame", "inbox", "no_fds", "json_dumps",
+                             "json_scan", NULL};
     int fd;
-    PyObject *lock, *buffer, *json_dumps = Py_None, *json_scan = Py_None;
+    PyObject *lock, *buffer, *inbox, *no_fds, *json_dumps = Py_None, *json_scan = Py_None;
     Py_ssize_t max_frame;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOn|$OO", kwlist, &fd, &lock, &buffer, &max_frame,
-                                     &json_dumps, &json_scan))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOnOO|$OO", kwlist, &fd, &lock, &buffer, &max_frame, &inbox,
+                                     &no_fds, &json_dumps, &json_scan))
         return -1;
     if ((json_dumps == Py_None) != (json_scan == Py_None)) {
         PyErr_SetString(PyExc_TypeError, "json_dumps and json_scan go together");
@@ -188,7 +193,11 @@ Wire_init(Wire *self, PyObject *args, PyObject *kwds)
         return -1;
     self->acquire = PyObject_GetAttrString(lock, "acquire");
     self->release = PyObject_GetAttrString(lock, "release");
-    if (self->acquire == NULL || self->release == NULL)
+    self->inbox_append = PyObject_GetAttrString(inbox, "append");
+    self->inbox_appendleft = PyObject_GetAttrString(inbox, "appendleft");
+    Py_INCREF(no_fds);
+    self->no_fds = no_fds;
+    if (self->acquire == NULL || self->release == NULL || self->inbox_append == NULL || self->inbox_appendleft == NULL)
         return -1;
     if (json_dumps != Py_None) {
         Py_INCREF(json_dumps);
@@ -209,6 +218,9 @@ Wire_traverse(Wire *self, visitproc visit, void *arg)
     Py_VISIT(self->pending);
     Py_VISIT(self->json_dumps);
     Py_VISIT(self->json_scan);
+    Py_VISIT(self->inbox_append);
+    Py_VISIT(self->inbox_appendleft);
+    Py_VISIT(self->no_fds);
     return 0;
 }
 
@@ -220,6 +232,9 @@ Wire_clear(Wire *self)
     Py_CLEAR(self->pending);
     Py_CLEAR(self->json_dumps);
     Py_CLEAR(self->json_scan);
+    Py_CLEAR(self->inbox_append);
+    Py_CLEAR(self->inbox_appendleft);
+    Py_CLEAR(self->no_fds);
     return 0;
 }
 
@@ -446,18 +461,6 @@ read_once(Wire *self, int block, PyObject **fds)
 }
 
 static PyObject *
-pair(Py_ssize_t nbytes, PyObject *fds)
-{
-    if (fds == NULL) {
-        fds = PyList_New(0);
-        if (fds == NULL)
-            return NULL;
-    }
-    PyObject *result = Py_BuildValue("(nN)", nbytes, fds);
-    return result;
-}
-
-static PyObject *
 Wire_read(Wire *self, PyObject *block)
 {
     if (self->pending != NULL) {  /* what recv_message read and did not decode comes first */
@@ -471,7 +474,9 @@ Wire_read(Wire *self, PyObject *block)
         return NULL;
     if (n == -2)
         Py_RETURN_NONE;
-    return pair(n, fds);
+    if (fds == NULL && (fds = PyList_New(0)) == NULL)
+        return NULL;
+    return Py_BuildValue("(nnN)", (Py_ssize_t)0, n, fds);
 }
 
 /* Node's rule (_codec.is_internal): an object whose cmd is "NODE_" and more is internal. */
@@ -486,77 +491,149 @@ is_internal(PyObject *value)
     return PyUnicode_Tailmatch(cmd, node_prefix, 0, 5, -1) == 1;
 }
 
-/* The value of a read that is exactly one JSON line, or NULL without an exception (the
- * decoder reads it again: errors, internal messages, whitespace, anything unusual). */
+/* The value of one JSON line (without its newline), or NULL: errors, internal messages, blank
+ * lines, surrounding whitespace and the like are the decoder's to read and word. */
 static PyObject *
-json_line(Wire *self, const char *b, Py_ssize_t n)
+json_value(Wire *self, const char *line, Py_ssize_t size)
 {
-    if (n < 2 || n > self->max_frame || b[n - 1] != '\n' || memchr(b, '\n', (size_t)(n - 1)) != NULL)
+    if (size < 1 || size + 1 > self->max_frame || line[0] == ' ' || line[0] == '\t' || line[0] == '\r')
         return NULL;
-    if (b[0] == ' ' || b[0] == '\t' || b[0] == '\r')
+    PyObject *text = PyUnicode_DecodeUTF8(line, size, "strict");
+    if (text == NULL)
         return NULL;
-    PyObject *text = PyUnicode_DecodeUTF8(b, n - 1, "strict");
-    if (text == NULL) {
-        PyErr_Clear();
-        return NULL;
-    }
     PyObject *args[2] = {text, zero};
     PyObject *got = PyObject_Vectorcall(self->json_scan, args, 2, NULL);
     PyObject *value = NULL;
     if (got != NULL && PyTuple_CheckExact(got) && PyTuple_GET_SIZE(got) == 2
-            && PyLong_AsSsize_t(PyTuple_GET_ITEM(got, 1)) == PyUnicode_GET_LENGTH(text)) {
+            && PyLong_AsSsize_t(PyTuple_GET_ITEM(got, 1)) == PyUnicode_GET_LENGTH(text)
+            && !is_internal(PyTuple_GET_ITEM(got, 0))) {
         value = PyTuple_GET_ITEM(got, 0);
-        if (is_internal(value))
-            value = NULL;
-        else
-            Py_INCREF(value);
+        Py_INCREF(value);
     }
     Py_XDECREF(got);
     Py_DECREF(text);
     return value;
 }
 
+/* The message at b[pos:n] when it is a whole plain frame (or JSON line), setting *next past it.
+ * NULL without an exception: the decoder takes it from ``pos`` on (incomplete, unusual, or an
+ * error it words); NULL with one: an exception that is not an Exception (KeyboardInterrupt). */
+static PyObject *
+decode_at(Wire *self, const char *b, Py_ssize_t pos, Py_ssize_t n, Py_ssize_t *next)
+{
+    PyObject *value;
+    if (self->json_dumps != NULL) {
+        const char *newline = memchr(b + pos, '\n', (size_t)(n - pos));
+        if (newline == NULL)
+            return NULL;
+        *next = newline - b + 1;
+        value = json_value(self, b + pos, newline - b - pos);
+    }
+    else {
+        const unsigned char *h = (const unsigned char *)b + pos;
+        if (n - pos < HEADER_SIZE || h[0] != MAGIC || h[1] != KIND_MESSAGE || h[2] != 0 || h[3] != 0)
+            return NULL;
+        Py_ssize_t length = ((Py_ssize_t)h[4] << 24) | ((Py_ssize_t)h[5] << 16) | ((Py_ssize_t)h[6] << 8) | h[7];
+        if (length > self->max_frame || length > n - pos - HEADER_SIZE)
+            return NULL;
+        PyObject *view = PyMemoryView_FromMemory((char *)h + HEADER_SIZE, length, PyBUF_READ);
+        if (view == NULL)
+            return NULL;
+        value = PyObject_CallOneArg(loads, view);
+        Py_DECREF(view);
+        *next = pos + HEADER_SIZE + length;
+    }
+    if (value == NULL && PyErr_Occurred() && PyErr_ExceptionMatches(PyExc_Exception))
+        PyErr_Clear();
+    return value;
+}
+
+/* Keep b[start:n] and its fds for the next read() (steals ``fds``). */
+static int
+keep(Wire *self, Py_ssize_t start, Py_ssize_t n, PyObject *fds)
+{
+    if (fds == NULL && (fds = PyList_New(0)) == NULL)
+        return -1;
+    PyObject *kept = Py_BuildValue("(nnN)", start, n, fds);
+    if (kept == NULL)
+        return -1;
+    Py_XSETREF(self->pending, kept);
+    return 0;
+}
+
+/* Hand ``value`` to the channel's inbox as a decoded item, with ``add`` (the inbox's append or
+ * appendleft); steals the reference. */
+static int
+to_inbox(Wire *self, PyObject *value, PyObject *add)
+{
+    PyObject *item = PyTuple_Pack(5, value, self->no_fds, Py_None, Py_False, Py_None);
+    Py_DECREF(value);
+    if (item == NULL)
+        return -1;
+    PyObject *r = PyObject_CallOneArg(add, item);
+    Py_DECREF(item);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* One blocking read. The usual answer is the message itself: the read held whole plain frames
+ * (or JSON lines), the first is returned and the others go to the inbox. Otherwise what was
+ * decoded goes to the inbox, the rest is kept for read(), and the answer is MORE. Only call it
+ * while the decoder is idle (nothing held back) and the inbox is empty. */
 static PyObject *
 Wire_recv_message(Wire *self, PyObject *Py_UNUSED(ignored))
 {
+    if (self->pending != NULL || self->inbox_append == NULL) {
+        Py_INCREF(MORE);
+        return MORE;
+    }
     PyObject *fds;
     Py_ssize_t n = read_once(self, 1, &fds);
     if (n == -1)
         return NULL;
-    const unsigned char *b = (const unsigned char *)self->recv.buf;
-    if (self->json_dumps != NULL) {
-        if (fds == NULL) {
-            PyObject *value = json_line(self, (const char *)b, n);
-            if (value != NULL)
-                return value;
-            if (PyErr_Occurred()) {
-                if (!PyErr_ExceptionMatches(PyExc_Exception))
-                    return NULL;
-                PyErr_Clear();
-            }
-        }
+    if (n == 0 || fds != NULL) {
+        if (keep(self, 0, n, fds) < 0)
+            return NULL;
+        Py_INCREF(MORE);
+        return MORE;
     }
-    else if (fds == NULL && n >= HEADER_SIZE && b[0] == MAGIC && b[1] == KIND_MESSAGE && b[2] == 0 && b[3] == 0) {
-        Py_ssize_t length = ((Py_ssize_t)b[4] << 24) | ((Py_ssize_t)b[5] << 16) | ((Py_ssize_t)b[6] << 8) | b[7];
-        if (length == n - HEADER_SIZE && length <= self->max_frame) {
-            PyObject *view = PyMemoryView_FromMemory((char *)b + HEADER_SIZE, length, PyBUF_READ);
-            if (view == NULL)
-                return NULL;
-            PyObject *message = PyObject_CallOneArg(loads, view);
-            Py_DECREF(view);
-            if (message != NULL)
-                return message;
-            if (!PyErr_ExceptionMatches(PyExc_Exception))
-                return NULL;
-            PyErr_Clear();  /* the decoder reads it again and words the error */
-        }
+    const char *b = (const char *)self->recv.buf;
+    PyObject *first = NULL;
+    Py_ssize_t pos = 0;
+    while (pos < n) {
+        Py_ssize_t next = pos;
+        PyObject *value = decode_at(self, b, pos, n, &next);
+        if (value == NULL)
+            break;
+        pos = next;
+        if (first == NULL)
+            first = value;
+        else if (to_inbox(self, value, self->inbox_append) < 0)
+            goto fail;
     }
-    PyObject *got = pair(n, fds);
-    if (got == NULL)
+    if (pos == n)
+        return first;  /* n > 0 and every byte decoded: at least one message */
+    /* b[pos:n] is the decoder's (the next read() hands it over); what was decoded before it
+     * comes first. An interruption while decoding (Ctrl-C) loses nothing: it goes on after. */
+    PyObject *type, *exc, *traceback;
+    PyErr_Fetch(&type, &exc, &traceback);
+    int failed = keep(self, pos, n, NULL) < 0;
+    if (first != NULL) {
+        failed = failed || to_inbox(self, first, self->inbox_appendleft) < 0;
+        first = NULL;
+    }
+    if (type != NULL) {
+        PyErr_Clear();
+        PyErr_Restore(type, exc, traceback);
         return NULL;
-    Py_XSETREF(self->pending, got);
+    }
+    if (failed)
+        return NULL;
     Py_INCREF(MORE);
     return MORE;
+fail:
+    Py_XDECREF(first);
+    return NULL;
 }
 
 static PyObject *
@@ -576,9 +653,9 @@ static PyMethodDef Wire_methods[] = {
     {"send", (PyCFunction)(void (*)(void))Wire_send, METH_FASTCALL,
      "send(message, threshold): None once sent; False or (pickle,) when the Python path must send it."},
     {"recv_message", (PyCFunction)Wire_recv_message, METH_NOARGS,
-     "Blocking read: the message when the read is exactly one plain frame, else MORE (read() returns the read)."},
+     "Blocking read: the first message when the read holds whole plain frames, else MORE (read() has the rest)."},
     {"read", (PyCFunction)Wire_read, METH_O,
-     "read(block): (nbytes, fds) of one read (first the one recv_message kept), or None when none was ready."},
+     "read(block): (start, end, fds) of one read in the buffer (first what recv_message left), or None."},
     {"disable", (PyCFunction)Wire_disable, METH_NOARGS, "Stop using the fd (call under the send lock)."},
     {NULL, NULL, 0, NULL},
 };
