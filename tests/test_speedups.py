@@ -192,6 +192,25 @@ def test_a_read_of_many_messages_hands_them_all_out_in_order(path: str, serializ
         right.close()
 
 
+@pytest.mark.parametrize("serialization", ["pickle", "json"])
+def test_a_reader_thread_fills_the_inbox(path: str, serialization: str) -> None:
+    """fill() (a watcher thread's read, a Node peer's background reader) decodes a whole read
+    into the inbox, and what it cannot decode goes the general way after it."""
+    a, b = socket.socketpair()
+    left, right = Channel(a, serialization=serialization), Channel(b, serialization=serialization)
+    try:
+        encode = left.codec.encode
+        left.sock.sendall(encode([1]) + encode([2]) + encode([3])[:4])
+        right.fill()
+        assert len(right._inbox) == 2
+        left.sock.sendall(encode([3])[4:])
+        right.fill()
+        assert [right.recv(timeout=5) for _ in range(3)] == [[1], [2], [3]]
+    finally:
+        left.close()
+        right.close()
+
+
 class InterruptsOnce:
     """Unpickling it raises KeyboardInterrupt the first time (a Ctrl-C while decoding)."""
 

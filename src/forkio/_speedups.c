@@ -10,6 +10,8 @@
  *   Wire.recv_message()                           a blocking read; the first message when the
  *                                                 read holds whole plain frames (the others go to
  *                                                 the inbox), else MORE
+ *   Wire.fill()                                   the same, every message to the inbox (a reader
+ *                                                 thread's read)
  *   Wire.read(block)                              one read, for the general decoder (first what
  *                                                 recv_message left to it)
  *
@@ -581,7 +583,7 @@ to_inbox(Wire *self, PyObject *value, PyObject *add)
  * decoded goes to the inbox, the rest is kept for read(), and the answer is MORE. Only call it
  * while the decoder is idle (nothing held back) and the inbox is empty. */
 static PyObject *
-Wire_recv_message(Wire *self, PyObject *Py_UNUSED(ignored))
+receive(Wire *self, int keep_first)
 {
     if (self->pending != NULL || self->inbox_append == NULL) {
         Py_INCREF(MORE);
@@ -606,13 +608,16 @@ Wire_recv_message(Wire *self, PyObject *Py_UNUSED(ignored))
         if (value == NULL)
             break;
         pos = next;
-        if (first == NULL)
+        if (first == NULL && keep_first)
             first = value;
         else if (to_inbox(self, value, self->inbox_append) < 0)
             goto fail;
     }
-    if (pos == n)
-        return first;  /* n > 0 and every byte decoded: at least one message */
+    if (pos == n) {  /* n > 0 and every byte decoded: at least one message */
+        if (keep_first)
+            return first;
+        Py_RETURN_NONE;
+    }
     /* b[pos:n] is the decoder's (the next read() hands it over); what was decoded before it
      * comes first. An interruption while decoding (Ctrl-C) loses nothing: it goes on after. */
     PyObject *type, *exc, *traceback;
@@ -637,6 +642,18 @@ fail:
 }
 
 static PyObject *
+Wire_recv_message(Wire *self, PyObject *Py_UNUSED(ignored))
+{
+    return receive(self, 1);
+}
+
+static PyObject *
+Wire_fill(Wire *self, PyObject *Py_UNUSED(ignored))
+{
+    return receive(self, 0);
+}
+
+static PyObject *
 Wire_disable(Wire *self, PyObject *Py_UNUSED(ignored))
 {
     self->fd = -1;
@@ -654,6 +671,8 @@ static PyMethodDef Wire_methods[] = {
      "send(message, threshold): None once sent; False or (pickle,) when the Python path must send it."},
     {"recv_message", (PyCFunction)Wire_recv_message, METH_NOARGS,
      "Blocking read: the first message when the read holds whole plain frames, else MORE (read() has the rest)."},
+    {"fill", (PyCFunction)Wire_fill, METH_NOARGS,
+     "recv_message for a reader that hands every message to the inbox: None, or MORE (read() has the rest)."},
     {"read", (PyCFunction)Wire_read, METH_O,
      "read(block): (start, end, fds) of one read in the buffer (first what recv_message left), or None."},
     {"disable", (PyCFunction)Wire_disable, METH_NOARGS, "Stop using the fd (call under the send lock)."},
