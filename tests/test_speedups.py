@@ -200,10 +200,10 @@ def test_a_reader_thread_fills_the_inbox(path: str, serialization: str) -> None:
     left, right = Channel(a, serialization=serialization), Channel(b, serialization=serialization)
     try:
         encode = left.codec.encode
-        left.sock.sendall(encode([1]) + encode([2]) + encode([3])[:4])
+        left.sock.sendall(encode([1]) + encode([2]) + encode([3])[:2])
         right.fill()
         assert len(right._inbox) == 2
-        left.sock.sendall(encode([3])[4:])
+        left.sock.sendall(encode([3])[2:])
         right.fill()
         assert [right.recv(timeout=5) for _ in range(3)] == [[1], [2], [3]]
     finally:
