@@ -430,3 +430,12 @@ def test_pure_python_path_passes_the_channel_suites() -> None:
          *(f"tests/{name}" for name in CHANNEL_SUITES)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=850, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_a_wire_that_was_never_set_up_refuses_to_work() -> None:
+    if _codec.speedups is None:
+        pytest.skip("the compiled hot path is not built here")
+    wire = _codec.speedups.Wire.__new__(_codec.speedups.Wire)
+    for call in (lambda: wire.send(1, None), lambda: wire.read(True), wire.recv_message, wire.fill):
+        with pytest.raises(RuntimeError, match="not initialised"):
+            call()

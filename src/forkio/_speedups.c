@@ -240,6 +240,17 @@ Wire_clear(Wire *self)
     return 0;
 }
 
+/* Methods of a Wire whose __init__ never ran (or failed) would touch NULL pointers. */
+static int
+ready(Wire *self)
+{
+    if (self->release == NULL || self->recv.obj == NULL || self->inbox_appendleft == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Wire is not initialised");
+        return 0;
+    }
+    return 1;
+}
+
 static void
 Wire_dealloc(Wire *self)
 {
@@ -369,6 +380,8 @@ Wire_send(Wire *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "send(message, threshold)");
         return NULL;
     }
+    if (!ready(self))
+        return NULL;
     if (self->fd < 0)
         Py_RETURN_FALSE;
     if (self->json_dumps != NULL)
@@ -465,6 +478,8 @@ read_once(Wire *self, int block, PyObject **fds)
 static PyObject *
 Wire_read(Wire *self, PyObject *block)
 {
+    if (!ready(self))
+        return NULL;
     if (self->pending != NULL) {  /* what recv_message read and did not decode comes first */
         PyObject *pending = self->pending;
         self->pending = NULL;
@@ -585,7 +600,9 @@ to_inbox(Wire *self, PyObject *value, PyObject *add)
 static PyObject *
 receive(Wire *self, int keep_first)
 {
-    if (self->pending != NULL || self->inbox_append == NULL) {
+    if (!ready(self))
+        return NULL;
+    if (self->pending != NULL) {
         Py_INCREF(MORE);
         return MORE;
     }
