@@ -167,12 +167,10 @@ class AsyncEndpoint:
     def __aiter__(self) -> AsyncEndpoint:
         return self
 
-    def __anext__(self) -> Coroutine[Any, Any, Any]:
-        return self._receive(False, True)
-
-    async def _receive(self, with_handle: bool, ending: bool) -> Any:
+    async def _receive(self, with_handle: bool = False, ending: bool = True) -> Any:
         """The next message; at the end of the channel ``ChannelClosed``, or ``StopAsyncIteration``
-        if ``ending`` (where there is no channel at all, unless it was unusable: then say why)."""
+        if ``ending`` (where there is no channel at all, unless it was unusable: then say why).
+        With its defaults it is ``__anext__``: ``async for`` calls it directly."""
         channel = self._channel
         if channel is None:
             if ending and not self._unusable:
@@ -185,12 +183,14 @@ class AsyncEndpoint:
                 if not self._reading and channel.connected:
                     self._start_reading(channel)  # the reader paused with a full inbox: room again
                 return message
-            if not channel.connected:
-                if ending:
-                    raise StopAsyncIteration
-                channel._check_open()
             loop = asyncio.get_running_loop()
-            if not self._reading or self._loop is not loop:
+            # While our reader is registered on this loop the channel is open (the reader stops at
+            # its end; a socket closed under it has fileno -1): only otherwise ask channel.connected.
+            if not self._reading or self._loop is not loop or channel.sock.fileno() < 0:
+                if not channel.connected:
+                    if ending:
+                        raise StopAsyncIteration
+                    channel._check_open()
                 self._start_reading(channel)
             waiter = _Wakeup(loop)
             self._waiters.append(waiter)
@@ -199,6 +199,8 @@ class AsyncEndpoint:
             except BaseException:  # cancelled: the message, if one came meanwhile, stays in the inbox
                 self._forget(waiter)
                 raise
+
+    __anext__ = _receive
 
     def _start_reading(self, channel: Channel) -> None:
         loop = asyncio.get_running_loop()
@@ -276,26 +278,23 @@ class AsyncEndpoint:
         channel.read_available()
         if not channel.connected or len(channel._inbox) >= INBOX_HIGH_WATER:
             self._stop_reading(channel)
-        if self._waiters:
-            self._wake()
+        if len(self._waiters) == 1:  # the usual case: one recv waiting, resumed here and now
+            self._waiters.pop().wake_now()
+        elif self._waiters:
+            self._wake()  # several: each in its turn, so that one's error cannot strand the others
 
     def _wake(self) -> None:
-        """Wake every waiter; only ever called by the loop itself (a reader, ``call_soon``), never from a task."""
+        """Wake every waiter, each in the loop's next pass (this may be called from a task)."""
         waiters, self._waiters = self._waiters, []
-        if len(waiters) == 1:
-            waiters[0].wake_now()  # the usual case: one recv waiting, resumed here and now
-        else:
-            for waiter in waiters:  # each in its turn, so that one's error cannot strand the others
-                waiter.wake_soon()
+        for waiter in waiters:
+            waiter.wake_soon()
 
     def disconnect(self) -> None:
         """Close the channel. Idempotent."""
         if self._channel is not None:
             self._stop_reading(self._channel)
             self._channel.close()
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:  # called from a task, perhaps: the waiters run in their own turn
-            waiter.wake_soon()
+        self._wake()
 
 
 async def _encode(channel: Channel, message: Any, handle: Handle | None) -> tuple[bytes, list[int]]:
