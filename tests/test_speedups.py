@@ -226,11 +226,12 @@ class InterruptsOnce:
         self.__dict__.update(state)
 
 
-def test_ctrl_c_while_decoding_a_read_loses_no_message(path: str) -> None:
+def test_ctrl_c_while_decoding_a_read_loses_no_message() -> None:
     """On the compiled path (recv without a timeout), messages decoded before and after the
-    interruption all arrive; the pure-Python decoder drops the rest of that read (docs/design.md)."""
-    if path == "pure":
-        pytest.skip("the pure-Python decoder drops the rest of a read interrupted while decoding")
+    interruption all arrive. Compiled only: the pure-Python decoder drops the rest of that read
+    (a known difference, in docs/design.md)."""
+    if _codec.speedups is None:
+        pytest.skip("the compiled hot path is not built here")
     with channel_pair() as (left, right):
         InterruptsOnce.interrupted = False
         encode = left.codec.encode
