@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from forkio import ChannelClosed, ProtocolError, SerializationError, _channel, _codec
+from forkio import ChannelClosed, ProtocolError, SerializationError, WaitTimeout, _channel, _codec
 from forkio._channel import Channel
 from forkio._codec import HEADER, MAGIC, PickleCodec
 from helpers import channel_pair
@@ -241,6 +241,17 @@ def test_ctrl_c_while_decoding_a_read_loses_no_message() -> None:
         assert right.recv() == "before"
         assert right.recv().n == 7
         assert right.recv() == "after"
+
+
+def test_recv_with_no_time_left_still_reads_what_has_arrived(pair: tuple[Channel, Channel]) -> None:
+    """timeout=0 polls: a message already in the socket is returned, none is WaitTimeout."""
+    left, right = pair
+    with pytest.raises(WaitTimeout):
+        right.recv(timeout=0)
+    left.send("here")
+    assert right.recv(timeout=0) == "here"
+    with pytest.raises(WaitTimeout):
+        right.recv(timeout=0)
 
 
 def test_garbage_is_a_protocol_error(pair: tuple[Channel, Channel]) -> None:
