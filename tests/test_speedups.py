@@ -448,6 +448,6 @@ def test_a_wire_that_was_never_set_up_refuses_to_work() -> None:
     if _codec.speedups is None:
         pytest.skip("the compiled hot path is not built here")
     wire = _codec.speedups.Wire.__new__(_codec.speedups.Wire)
-    for call in (lambda: wire.send(1, None), lambda: wire.read(True), wire.recv_message, wire.fill):
+    for call in (lambda: wire.send(1, None), lambda: wire.read(True), wire.recv_message, lambda: wire.fill(True)):
         with pytest.raises(RuntimeError, match="not initialised"):
             call()
