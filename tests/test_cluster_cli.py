@@ -129,6 +129,7 @@ def test_bad_addresses_are_refused(bad: object) -> None:
 
 
 @pytest.mark.parametrize("options", [{"timeout": 0}, {"graceful_timeout": -1}, {"max_requests": 0},
+                                     {"min_uptime": -1}, {"min_uptime": float("nan")},
                                      {"max_requests_jitter": -2}])
 def test_bad_settings_are_refused(options: dict[str, float]) -> None:
     """Out-of-range settings are a ValueError at once."""
@@ -200,3 +201,11 @@ def test_the_cluster_public_names_exist_and_are_documented() -> None:
         if callable(obj):
             assert (obj.__doc__ or "").strip(), f"forkio.cluster.{name} has no docstring"
     assert issubclass(cluster.ClusterError, forkio.ForkioError)
+
+
+def test_restarts_after_unstable_starts_back_off_doubling_to_a_cap() -> None:
+    """The first unstable start is replaced at once; then the wait doubles from 0.1 s up to its cap."""
+    from forkio.cluster._settings import RESTART_DELAY_MAX, restart_delay
+
+    assert [restart_delay(n) for n in range(6)] == [0.0, 0.0, 0.1, 0.2, 0.4, 0.8]
+    assert restart_delay(1000) == RESTART_DELAY_MAX

@@ -2,7 +2,8 @@
 
 argv: PORT [WORKERS]. Environment: APP_TIMEOUT, APP_GRACE (seconds), APP_VERSION_FILE (read at
 import: the "code version" served, so a test can edit it between reloads),
-APP_CRASH=1 (die at boot), APP_SHARED=1 (one shared socket, not one per worker).
+APP_CRASH=1 (die at boot), APP_EXIT=1 (exit 0 as soon as it listens, as does the code version
+"exits"), APP_SHARED=1 (one shared socket, not one per worker).
 """
 
 import asyncio
@@ -46,6 +47,8 @@ async def main() -> None:
     if os.environ.get("APP_CRASH"):
         raise RuntimeError("boom at boot")
     sock = cluster.listen(("127.0.0.1", PORT))
+    if os.environ.get("APP_EXIT") or VERSION == "exits":
+        return  # ready (it listens), then gone on its own: exit status 0
     forkio.parent.on("message", lambda message: forkio.parent.send({"echo": message, "worker": cluster.worker}))
     server = await asyncio.start_server(handle, sock=sock)
     async with server:

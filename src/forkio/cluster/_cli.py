@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from .._cli import UsageError
-from ._settings import REUSE_PORT_DEFAULT, ClusterError, Settings, parse_address
+from ._settings import MIN_UPTIME, REUSE_PORT_DEFAULT, ClusterError, Settings, parse_address
 
 SERVE_MODULE = "forkio.cluster._serve"
 
@@ -42,6 +42,9 @@ def _add_common(cmd: argparse.ArgumentParser) -> None:
                      help="kill a worker whose event loop is silent this long (0: never; default 30)")
     cmd.add_argument("--graceful-timeout", type=_seconds, default=30.0, metavar="S",
                      help="how long a stopping worker may finish its requests (default 30)")
+    cmd.add_argument("--min-uptime", type=_seconds, default=None, metavar="S",
+                     help="a worker that exits sooner after it is ready is an unstable start: restarts back off, "
+                          f"and 5 in 10 s stop the cluster (default {MIN_UPTIME:g})")
     cmd.add_argument("--reuse-port", action=argparse.BooleanOptionalAction, default=None,
                      help="each worker slot accepts on its own SO_REUSEPORT socket, kept by the primary "
                           "(default on Linux: spreads connections more evenly); --no-reuse-port: one shared socket")
@@ -82,7 +85,7 @@ def add_commands(commands: Any) -> None:
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     reuse_port = REUSE_PORT_DEFAULT if args.reuse_port is None else args.reuse_port
     return Settings(timeout=args.timeout or None, graceful_timeout=args.graceful_timeout, reuse_port=reuse_port,
-                    **extra)
+                    min_uptime=MIN_UPTIME if args.min_uptime is None else args.min_uptime, **extra)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -133,7 +136,7 @@ def run_cluster(args: argparse.Namespace) -> int:
     from . import _defaults
 
     _defaults.update(workers=args.workers, timeout=args.timeout or None, graceful_timeout=args.graceful_timeout,
-                     reuse_port=args.reuse_port, log=not args.quiet)
+                     min_uptime=args.min_uptime, reuse_port=args.reuse_port, log=not args.quiet)
     sys.argv = [args.script, *args.args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
     try:

@@ -15,8 +15,15 @@ from .._errors import ForkioError
 ENV_ID = "FORKIO_CLUSTER_WORKER"  # the worker's id, set by the primary (Node's NODE_UNIQUE_ID)
 ENV_SETTINGS = "FORKIO_CLUSTER_SETTINGS"  # the settings below, as JSON
 BACKLOG = 2048
-BOOT_FAILURES = 5  # this many workers dying before they are ready ...
+# A start is unstable when its worker dies, unasked, before it is ready or within ``min_uptime``
+# seconds after (PM2's min_uptime; systemd's StartLimitBurst over StartLimitIntervalSec):
+BOOT_FAILURES = 5  # this many unstable starts ...
 BOOT_WINDOW = 10.0  # ... within this many seconds stop the cluster
+MIN_UPTIME = 1.0
+# Unstable starts in a row wait before the next start, doubling from the second on (the first
+# is replaced at once), so a worker that keeps exiting cannot keep the CPUs busy starting it.
+RESTART_DELAY = 0.1
+RESTART_DELAY_MAX = 10.0
 REUSE_PORT_DEFAULT = sys.platform.startswith("linux")  # elsewhere SO_REUSEPORT does not spread connections
 
 # ("tcp", host, port) or ("unix", path): hashable, picklable, the same in primary and workers.
@@ -38,6 +45,7 @@ class Settings:
     # evenly; measured in docs/benchmarks-cluster.md) instead of all sharing one. Linux only.
     reuse_port: bool = REUSE_PORT_DEFAULT
     wait_ready: bool = False  # a worker is ready when it calls cluster.ready(), not when it listens
+    min_uptime: float = MIN_UPTIME  # a worker that dies sooner after ready is an unstable start
     max_requests: int | None = None  # forkio serve: recycle a worker after this many requests ...
     max_requests_jitter: int = 0  # ... plus a random 0..jitter
     binds: list[Address] = field(default_factory=list)  # forkio serve: the addresses to serve
@@ -48,6 +56,8 @@ class Settings:
             raise ValueError(f"timeout must be > 0 seconds or None, not {self.timeout!r}")
         if self.graceful_timeout < 0:
             raise ValueError(f"graceful_timeout must be >= 0 seconds, not {self.graceful_timeout!r}")
+        if not self.min_uptime >= 0:  # NaN too
+            raise ValueError(f"min_uptime must be >= 0 seconds, not {self.min_uptime!r}")
         if self.max_requests is not None and self.max_requests < 1:
             raise ValueError(f"max_requests must be >= 1 or None, not {self.max_requests!r}")
         if self.max_requests_jitter < 0:
@@ -70,6 +80,13 @@ class Settings:
         data = json.loads(text)
         data["binds"] = [tuple(b) for b in data.get("binds", ())]
         return cls(**data)
+
+
+def restart_delay(unstable: int) -> float:
+    """How long to wait before starting a worker after ``unstable`` unstable starts in a row."""
+    if unstable <= 1:
+        return 0.0
+    return min(RESTART_DELAY * 2.0 ** (unstable - 2), RESTART_DELAY_MAX)
 
 
 def parse_address(address: AddressLike) -> Address:
