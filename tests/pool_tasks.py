@@ -236,6 +236,13 @@ class _ExitOnUnpickle:
         return (sys.exit, (1,))
 
 
+class DieOnUnpickle:
+    """An argument whose unpickling ends the worker process at once (exit code 7)."""
+
+    def __reduce__(self) -> Any:
+        return (os._exit, (7,))
+
+
 def exit_when_unpickled() -> Any:
     return _ExitOnUnpickle()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -620,3 +621,19 @@ def test_killing_ready_workers_again_and_again_never_breaks_the_pool() -> None:
             assert gone(pid, within=10)
             assert pool.submit(tasks.inc, 1).result(timeout=30) == 2
         assert "broken" not in repr(pool)
+
+
+def test_a_worker_dying_while_unpickling_its_first_task_says_so_and_charges_that_task() -> None:
+    """Each worker ready, each dying while it unpickles its first task's arguments: WorkerCrashed says it
+    died running the task (not 'before it was ready'), the death is one of the task's runs, and more of
+    them in a row than the crash-loop limit do not break the pool."""
+    with Pool(1) as pool:
+        for _ in range(CRASH_LOOP_LIMIT + 1):  # a fresh worker each time
+            error = pool.submit(tasks.inc, tasks.DieOnUnpickle()).exception(timeout=30)
+            assert isinstance(error, WorkerCrashed) and error.exit_code == 7, error
+            assert "while running the task" in str(error) and "ready" not in str(error), error
+        error = pool.options(retries=2).submit(tasks.inc, tasks.DieOnUnpickle()).exception(timeout=30)
+        assert isinstance(error, WorkerCrashed) and str(error).endswith("while running the task (run 3 of 3)")
+        assert pickle.loads(pickle.dumps(error)).detail == error.detail
+        assert pool.submit(tasks.inc, 1).result(timeout=30) == 2
+        assert pool.restarts == CRASH_LOOP_LIMIT + 4

@@ -112,10 +112,11 @@ Action = Dispatch | Resolve | Kill | Retire | Spawn | SkipTask | Break
 class Failure:
     """Why a task failed without an exception of its own: built into errors by the I/O layer."""
 
-    def __init__(self, kind: str, worker: Worker | None, detail: Any = None) -> None:
+    def __init__(self, kind: str, worker: Worker | None, detail: Any = None, task: Task | None = None) -> None:
         self.kind = kind  # "crashed", "timeout", "broken" (no worker left to retry it) or "start" (crash loop)
         self.worker = worker
         self.detail = detail
+        self.task = task  # the task the worker had started when it died (its error says so)
 
 
 class Scheduler:
@@ -256,6 +257,9 @@ class Scheduler:
             running.attempts += 1
             if worker.stopping == "timeout":
                 failure = Failure("timeout", worker, running.timeout)
+            elif failure.kind in ("crashed", "start"):
+                # It died in this task (its arguments' unpickling included), ready or not: say so.
+                failure = Failure("crashed", worker, failure.detail, running)
             if running.cancelled:
                 pass
             elif running.attempts > running.retries:
