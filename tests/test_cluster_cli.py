@@ -24,7 +24,9 @@ def forkio_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[s
 @pytest.mark.parametrize("args, message", [
     (["serve", "no_colon"], "expected MODULE:APP"),
     (["serve", "m:app", "--bind", "localhost:http"], "not a port"),
-    (["serve", "m:app", "--workers", "0"], "must be >= 1"),
+    (["serve", "m:app", "--workers", "0"], "must be at least 1"),
+    (["serve", "m:app", "--max-requests-jitter", "-1"], "must be at least 0"),
+    (["cluster", "--workers", "two", "app.py"], "expected a whole number"),
     (["serve", "m:app", "--timeout", "soon"], "not a number of seconds"),
     (["cluster", "no_such_script.py"], "no such script"),
 ])

@@ -9,7 +9,7 @@ import runpy
 import sys
 from typing import Any
 
-from .._cli import UsageError
+from .._cli import UsageError, non_negative_int, positive_int
 from ._settings import MIN_UPTIME, REUSE_PORT_DEFAULT, ClusterError, Settings, parse_address
 
 SERVE_MODULE = "forkio.cluster._serve"
@@ -25,18 +25,8 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {text!r}")
-    return value
-
-
 def _add_common(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--workers", "-w", type=_count, default=None, metavar="N",
+    cmd.add_argument("--workers", "-w", type=positive_int, default=None, metavar="N",
                      help="worker processes (default: one per CPU)")
     cmd.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
                      help="kill a worker whose event loop is silent this long (0: never; default 30)")
@@ -62,9 +52,9 @@ def add_commands(commands: Any) -> None:
     serve.add_argument("--bind", "-b", action="append", default=None, metavar="HOST:PORT|unix:PATH",
                        help="an address to serve (repeatable; default 127.0.0.1:8000)")
     serve.add_argument("--interface", choices=("asgi", "wsgi"), default="asgi")
-    serve.add_argument("--max-requests", type=_count, default=None, metavar="N",
+    serve.add_argument("--max-requests", type=positive_int, default=None, metavar="N",
                        help="recycle a worker after N requests (a replacement starts first)")
-    serve.add_argument("--max-requests-jitter", type=int, default=0, metavar="N",
+    serve.add_argument("--max-requests-jitter", type=non_negative_int, default=0, metavar="N",
                        help="plus a random 0..N, so that workers do not recycle together")
     serve.add_argument("--preload", action="store_true",
                        help="import the app once in the zygote workers start from (a reload starts a new one)")
@@ -98,8 +88,6 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if importlib.util.find_spec("uvicorn") is None:  # here: one line, not a traceback per worker
         raise UsageError("forkio serve needs uvicorn: pip install 'forkio[serve]'")
-    if args.max_requests_jitter < 0:
-        raise UsageError("--max-requests-jitter must be >= 0")
     module = args.app.split(":", 1)[0]
     settings = _settings(args, wait_ready=True, max_requests=args.max_requests,
                          max_requests_jitter=args.max_requests_jitter, binds=binds,
