@@ -191,12 +191,15 @@ def test_worker_sigkilled_under_load_is_replaced(make_app: Callable[..., App], s
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("sockets", ["per-worker", "shared"])
-def test_two_reloads_under_load_drop_nothing_and_serve_new_code(tmp_path: Path, sockets: str) -> None:
+@pytest.mark.parametrize("sockets, loop", [("per-worker", "asyncio"), ("shared", "asyncio"), ("per-worker", "uvloop")])
+def test_two_reloads_under_load_drop_nothing_and_serve_new_code(tmp_path: Path, sockets: str, loop: str) -> None:
     """SIGHUP twice, the app's code edited between: zero failed requests, all pids new, new code served."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop", reason="uvloop is not installed (pip install 'forkio[bench]')")
     version = tmp_path / "version.txt"
     version.write_text("v1")
-    app = App(tmp_path, APP_VERSION_FILE=str(version), **({"APP_SHARED": "1"} if sockets == "shared" else {}))
+    app = App(tmp_path, APP_VERSION_FILE=str(version), **({"APP_SHARED": "1"} if sockets == "shared" else {}),
+              **({"APP_UVLOOP": "1"} if loop == "uvloop" else {}))
     try:  # (not make_app: the version file must exist first)
         first = app.serving(2)
         load = Load(app.port)
@@ -274,8 +277,13 @@ def test_primary_sigkilled_leaves_no_worker(app: App) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_sigterm_lets_a_request_in_flight_finish(app: App) -> None:
-    """SIGTERM with a 2 s request in flight: the request completes, then the cluster exits 0."""
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_sigterm_lets_a_request_in_flight_finish(make_app: Callable[..., App], loop: str) -> None:
+    """SIGTERM with a 2 s request in flight: the request completes, then the cluster exits 0 (workers on
+    asyncio's loop, and on uvloop when it is installed)."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop", reason="uvloop is not installed (pip install 'forkio[bench]')")
+    app = make_app(**({"APP_UVLOOP": "1"} if loop == "uvloop" else {}))
     app.serving(2)
     results: list[object] = []
     thread = threading.Thread(target=lambda: results.append(_attempt(app.port, "/sleep/2")), daemon=True)
@@ -285,6 +293,7 @@ def test_sigterm_lets_a_request_in_flight_finish(app: App) -> None:
     assert app.proc.wait(20) == 0
     thread.join(15)
     assert isinstance(results[0], str) and results[0].startswith("v0"), results
+    assert "Traceback" not in app.err and "never retrieved" not in app.err, app.err
 
 
 @pytest.mark.timeout(60)

@@ -3,7 +3,7 @@
 argv: PORT [WORKERS]. Environment: APP_TIMEOUT, APP_GRACE (seconds), APP_VERSION_FILE (read at
 import: the "code version" served, so a test can edit it between reloads),
 APP_CRASH=1 (die at boot), APP_EXIT=1 (exit 0 as soon as it listens, as does the code version
-"exits"), APP_SHARED=1 (one shared socket, not one per worker).
+"exits"), APP_SHARED=1 (one shared socket, not one per worker), APP_UVLOOP=1 (workers serve on uvloop).
 """
 
 import asyncio
@@ -73,6 +73,12 @@ if __name__ == "__main__":
         if os.environ.get("APP_BROADCAST") and len(cluster.workers) >= WORKERS:
             cluster.broadcast("hello")
 
-    cluster.run(main, workers=WORKERS, timeout=float(os.environ.get("APP_TIMEOUT", "30")),
+    def main_on_uvloop() -> None:
+        import uvloop
+
+        uvloop.run(main())
+
+    serve = main_on_uvloop if os.environ.get("APP_UVLOOP") else main
+    cluster.run(serve, workers=WORKERS, timeout=float(os.environ.get("APP_TIMEOUT", "30")),
                 graceful_timeout=float(os.environ.get("APP_GRACE", "10")),
                 reuse_port=None if not os.environ.get("APP_SHARED") else False)
