@@ -435,3 +435,17 @@ def test_a_reload_whose_new_workers_exit_after_ready_keeps_the_old_workers(tmp_p
         assert "(asked)" not in app.err  # no old worker was asked to stop
     finally:
         assert app.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_library_worker_recycles_itself_after_n_requests_without_a_failure(make_app: Callable[..., App]) -> None:
+    """The library's max_requests: the app counts its requests and calls cluster.recycle(); a replacement
+    starts first and the recycled worker stops gracefully: no request fails."""
+    app = make_app(APP_RECYCLE_AFTER="30")
+    first = app.serving(2)
+    load = Load(app.port, clients=2, limit=300)
+    app.wait_for(lambda: "asked to be recycled" in app.err)
+    app.wait_for(lambda: bool(app.worker_pids() - first))
+    app.wait_for(lambda: all(f"(pid {pid}) exited: exit code 0 (asked)" in app.err for pid in first))
+    load.finish()
+    assert load.failures == []

@@ -391,6 +391,8 @@ class Supervisor:
             worker.state = "ready"
         if self.settings.min_uptime <= 0:
             self._on_stable(worker)
+        else:
+            self._retire_replaced()
 
     def _on_stable(self, worker: Worker) -> None:
         """``worker`` stayed up ``min_uptime`` after ready: its start worked."""
@@ -546,10 +548,13 @@ class Supervisor:
                 self.stop_worker(worker, quick=False)
 
     def _retire_replaced(self) -> None:
-        """Once enough replacements are ready (and stayed up ``min_uptime``), ask the workers they replace
-        to stop."""
+        """Once enough replacements are ready, ask the workers they replace to stop.
+
+        During a reload, ready means up for ``min_uptime`` too: new code that exits soon after
+        ready must find the old workers still there to go back to. A recycle replaces a worker
+        with the same code, at once (waiting would pile up workers that recycle quickly)."""
         retiring = [w for w in self.workers.values() if w._retiring and not w._asked]
-        ready = [w for w in self.workers.values() if w._counted and w._stable]
+        ready = [w for w in self.workers.values() if w._counted and (w._stable if self._reloading else w._ready)]
         if retiring and (self.count is None or len(ready) >= self.count):
             for worker in retiring:
                 self.stop_worker(worker, quick=False)
