@@ -6,8 +6,8 @@ nearest deadline (a silent heartbeat, a stop that ran out of grace, a restart he
 worker's ``min_uptime``). What a worker's exit means is decided in one place (``_on_exit``);
 how many workers should run, in another (``_reconcile``): a worker that dies, hangs, is
 recycled or belongs to the code before a reload stops counting, a replacement is forked,
-and the one it replaces is asked to stop only once the replacement has been ready for
-``min_uptime`` (a replacement that exits soon after ready must not cost the old workers).
+and the one it replaces is asked to stop only once the replacement is ready (in a reload, up
+for ``min_uptime`` too: new code that exits soon after ready must not cost the old workers).
 """
 
 from __future__ import annotations
