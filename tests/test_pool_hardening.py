@@ -637,3 +637,16 @@ def test_a_worker_dying_while_unpickling_its_first_task_says_so_and_charges_that
         assert pickle.loads(pickle.dumps(error)).detail == error.detail
         assert pool.submit(tasks.inc, 1).result(timeout=30) == 2
         assert pool.restarts == CRASH_LOOP_LIMIT + 4
+
+
+def test_a_task_frame_the_worker_cannot_take_in_fails_that_task_only() -> None:
+    """A task whose big argument the worker cannot map (its address space is limited) fails with
+    SerializationError, after one worker; the task behind it runs (it went round the workers forever)."""
+    with Pool(1, initializer=tasks.limit_address_space, initargs=(64 << 20,)) as pool:
+        assert pool.submit(tasks.inc, 1).result(timeout=30) == 2
+        big = pool.submit(len, pickle.PickleBuffer(bytearray(256 << 20)))
+        after = pool.submit(tasks.inc, 2)
+        error = big.exception(timeout=30)
+        assert isinstance(error, SerializationError) and "worker cannot take in" in str(error), error
+        assert after.result(timeout=30) == 3
+        assert pool.restarts == 1

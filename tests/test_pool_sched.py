@@ -229,3 +229,17 @@ def test_a_ready_worker_dying_in_its_first_task_charges_that_task_not_the_start(
     first = resolved[0].value
     assert first.task is task and first.kind == "crashed" and task.attempts == 2  # its two runs
     assert len(resolved) == CRASH_LOOP_LIMIT and not sched.broken and sched.start_failures == 0
+
+
+def test_a_frame_the_worker_cannot_take_in_fails_its_first_task_only() -> None:
+    """The worker says how many tasks it took in before the frame it could not read: that names the
+    frame's task among those still in hand (results already taken off the front)."""
+    sched, (w0,) = _pool(1)
+    sched.avg_seconds = 1e-5
+    tasks = [Task(i, b"") for i in range(4)]
+    _submit(sched, *tasks)
+    sched.task_finished(w0, 0, True, None, 1e-5)
+    error = ValueError("no memory for its segment")
+    assert sched.unreadable(w0, 2, error) == [Resolve(tasks[2], False, error)]
+    assert list(w0.assigned) == [tasks[1], tasks[3]]
+    assert sched.unreadable(w0, 9, error) == []  # not a task it holds: nothing to fail

@@ -422,6 +422,8 @@ class _PoolManager:
                         traceback.print_exc()
             elif kind == "ready":
                 self._sched.worker_ready(proc.state)
+            elif kind == "unreadable":
+                self._apply(self._sched.unreadable(proc.state, message[1], _decode_error(message[2])))
             elif kind == "init-failed":
                 error = _decode_error(message[1])
                 self._break(error, f"its initializer raised {type(error).__name__}: {error}")

@@ -216,6 +216,16 @@ class Scheduler:
             task.deadline = None
         return [] if task.cancelled else [Resolve(task, False, error)]
 
+    def unreadable(self, worker: Worker, received: int, error: BaseException) -> list[Action]:
+        """``worker`` could not take in a tasks frame after ``received`` tasks in all: the first task
+        of that frame fails with ``error`` (a frame that cannot be read in one worker will not be in
+        the next: it would go round the workers forever). The worker exits; its death requeues the
+        rest."""
+        at = received - worker.consumed  # its results and skips took the first ``consumed`` off
+        if not 0 <= at < len(worker.assigned):
+            return []
+        return self.unsent(worker, worker.assigned[at], error)
+
     def _take(self, worker: Worker, task_id: int) -> Task | None:
         """Take ``task_id`` off the front of what ``worker`` has in hand, with the cancelled tasks
         it skipped before it (their skips may arrive after a result, from older workers)."""
