@@ -28,6 +28,7 @@ def forkio_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[s
     (["serve", "m:app", "--max-requests-jitter", "-1"], "must be at least 0"),
     (["cluster", "--workers", "two", "app.py"], "expected a whole number"),
     (["serve", "m:app", "--timeout", "soon"], "not a number of seconds"),
+    (["serve", "m:app", "--min-uptime", "-1"], "seconds must be >= 0"),
     (["cluster", "no_such_script.py"], "no such script"),
 ])
 def test_bad_usage_is_one_line_and_status_2(args: list[str], message: str) -> None:
