@@ -185,7 +185,7 @@ def test_worker_sigkilled_under_load_is_replaced(make_app: Callable[..., App], s
     load.finish()
     assert len(load.failures) <= 2, load.failures  # two clients: at most two requests in flight there
     # Unasked either way; within min_uptime of ready it is also an unstable start (replaced at once: the first)
-    assert re.search(rf"\(pid {victim}\) exited: killed by SIGKILL(, [\d.]+ s after ready \(soon after ready\)"
+    assert re.search(rf"\(pid {victim}\) exited: killed by SIGKILL(, [\d.]+ s after ready \(unstable start\)"
                      r"| \(unexpected\))\n", app.err), app.err
     assert f"exit 1 {victim} None SIGKILL asked=False" in app.out or f"{victim} None SIGKILL asked=False" in app.out
 

@@ -475,7 +475,7 @@ class Supervisor:
             why = "at boot"
         elif unstable:
             how += f", {time.monotonic() - worker._ready_at:.2f} s after ready"
-            why = "soon after ready"
+            why = "unstable start"
         else:
             why = "unexpected"
         crash_loop = unstable and self._count_unstable()
