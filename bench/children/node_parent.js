@@ -5,12 +5,15 @@
 //   first      -> {"value": ms from fork() to the child's first message}
 //   rt K       -> {"value": us per round trip, mean of K sequential round trips}
 //   oneway N   -> {"value": messages/s, N sends and a null, then the child's one reply (its count)}
+// With FORKIO_BENCH_PYTHON set (a Python executable), the children of rt and oneway are forkio
+// children (bench/children/forkio_child.py, JSON mode) instead of Node ones: Node -> forkio.
 // stdin closing (or "quit") disconnects every child and exits.
 const { fork } = require('child_process');
 const path = require('path');
 const readline = require('readline');
 
-const CHILD = path.join(__dirname, 'node_child.js');
+const PYTHON = process.env.FORKIO_BENCH_PYTHON;
+const CHILD = path.join(__dirname, PYTHON ? 'forkio_child.py' : 'node_child.js');
 const MSG = { seq: 0, op: 'ping', args: [1, 2, 3], ok: true };
 const now = () => process.hrtime.bigint();
 const children = new Map();
@@ -26,7 +29,8 @@ function started(child) {
 async function persistent(mode) {
   const key = mode;
   if (!children.has(key)) {
-    const child = fork(CHILD, [mode]);
+    const child = PYTHON ? fork(CHILD, [mode], { execPath: PYTHON, execArgv: [], serialization: 'json' })
+      : fork(CHILD, [mode]);
     children.set(key, child);
     await started(child);
     child.removeAllListeners('exit');

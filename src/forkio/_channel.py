@@ -27,7 +27,17 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 from . import _shm
-from ._codec import _NO_FDS, DEFAULT_MAX_FRAME, Codec, Incoming, JsonCodec, PickleCodec, make_codec, segment_layout
+from ._codec import (
+    _NO_FDS,
+    DEFAULT_MAX_FRAME,
+    Codec,
+    Incoming,
+    JsonCodec,
+    PickleCodec,
+    make_codec,
+    segment_layout,
+    speedups,
+)
 from ._errors import ChannelClosed, ProtocolError, SerializationError, WaitTimeout
 from ._handles import RAW_FD, Handle, close_fds, handle_fd, rebuild_handle
 from ._node import DISCONNECT_ACK_WAIT, NodeLink
@@ -45,6 +55,7 @@ _RECV_FLAGS_NOWAIT = _RECV_FLAGS | int(socket.MSG_DONTWAIT)
 _OUTQ: int | None = 0x5411 if sys.platform.startswith("linux") else None  # SIOCOUTQ (== TIOCOUTQ)
 
 Message = Any
+_MORE = speedups.MORE if speedups is not None else object()  # Wire.recv_message: "not one plain frame"
 
 
 def _unread_in_socket(sock: socket.socket) -> int:
@@ -114,6 +125,11 @@ class Channel:
         #: by whichever thread reads; it owns the fds. Without it they are dropped, as Node drops them.
         self.on_control: Any = None
         self._node = NodeLink(self, node_peer=node_peer) if serialization == "json" else None
+        # The compiled hot path (see _speedups.c) where it is built: the same socket, send lock and
+        # receive buffer, so both paths can take turns.
+        self._wire = (speedups.Wire(self.fd, self._send_lock, self._recv_buffer, max_frame_size, self._inbox, _NO_FDS,
+                                    **({} if self._pickle is not None else cast(JsonCodec, self.codec).wire_options()))
+                      if speedups is not None else None)
 
     # ----------------------------------------------------------------- state
     @property
@@ -174,6 +190,8 @@ class Channel:
         except OSError:
             pass
         with self._send_lock:
+            if self._wire is not None:
+                self._wire.disable()  # before the fd number can be reused
             self.sock.close()
         self._decoder.close()  # fds of a frame that will never complete
 
@@ -263,6 +281,19 @@ class Channel:
     def send(self, message: Message, handle: Handle | None = None) -> None:
         """Send one message, blocking while the peer is behind (backpressure)."""
         if handle is None:
+            wire = self._wire
+            if wire is not None and self._broken is None:
+                # Compiled: encode, frame and write in one call (under the send lock).
+                try:
+                    rest = wire.send(message, self.zero_copy_threshold)
+                except OSError as exc:
+                    raise self._send_failed(exc) from exc
+                except BaseException as exc:
+                    if wire.torn:
+                        self._break(exc)
+                    raise
+                if rest is None:
+                    return
             # The hot path, flattened: what ``encode`` and ``send_bytes`` do for a message
             # without fds, less their layers of calls (each costs more than the write's own Python).
             codec = self._pickle
@@ -415,25 +446,28 @@ class Channel:
     # -------------------------------------------------------------- receiving
     def read_available(self, *, block: bool = False) -> bool:
         """Read once (waiting for data if ``block``) and decode. False when there was nothing to read."""
+        wire = self._wire
         try:
-            nbytes, ancdata, _flags, _ = self.sock.recvmsg_into(
-                self._recv_views, _ANC_SIZE, _RECV_FLAGS if block else _RECV_FLAGS_NOWAIT)
+            if wire is not None:
+                got = wire.read(block)
+                if got is None:
+                    return False
+                start, nbytes, fds = got
+            else:
+                start = 0
+                nbytes, ancdata, _flags, _ = self.sock.recvmsg_into(
+                    self._recv_views, _ANC_SIZE, _RECV_FLAGS if block else _RECV_FLAGS_NOWAIT)
+                fds = _fds_from_ancdata(ancdata) if ancdata else _NO_FDS
         except BlockingIOError:
             return False
-        except (ConnectionResetError, OSError) as exc:
-            if self._closed:
-                return True
-            nbytes, ancdata = 0, []
-            if not isinstance(exc, ConnectionResetError):
-                self._broken = exc
-        fds = _fds_from_ancdata(ancdata) if ancdata else _NO_FDS
+        except OSError as exc:
+            self._read_failed(exc)
+            return True
         if nbytes == 0:
-            close_fds(fds)
-            self._eof = True
-            self._release_socket()  # nothing more can come: give the fd back now
+            self._ended(fds)
             return True
         try:
-            items = self._decoder.feed(self._recv_view[:nbytes], fds)
+            items = self._decoder.feed(self._recv_view[start:nbytes], fds)
         except ProtocolError as exc:
             self._broken = exc
             self._inbox.append((None, [], None, False, exc))
@@ -444,6 +478,18 @@ class Channel:
             else:
                 self._inbox.append(item)
         return True
+
+    def _read_failed(self, exc: OSError) -> None:
+        """A read raised: the end of the channel (broken unless the peer reset it)."""
+        if not self._closed:
+            if not isinstance(exc, ConnectionResetError):
+                self._broken = exc
+            self._ended(_NO_FDS)
+
+    def _ended(self, fds: list[int]) -> None:
+        close_fds(fds)
+        self._eof = True
+        self._release_socket()  # nothing more can come: give the fd back now
 
     def _internal(self, item: Incoming) -> None:
         """Internal messages: control and startup reports for forkio; Node's answered as Node does."""
@@ -553,7 +599,19 @@ class Channel:
                     break
                 try:
                     if not inbox:
-                        self.read_available(block=True)
+                        wire = self._wire
+                        if wire is not None and self._decoder.idle:
+                            # Compiled: one read; the first message when it holds whole plain frames.
+                            try:
+                                message = wire.recv_message()
+                            except OSError as exc:
+                                self._read_failed(exc)
+                            else:
+                                if message is not _MORE:
+                                    return message
+                                self.read_available()  # decodes what recv_message left
+                        else:
+                            self.read_available(block=True)
                 finally:
                     lock.release()
                     if self._waiting:

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import struct
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from ._errors import ProtocolError, SerializationError
 from ._handles import RAW_FD, close_fds
@@ -71,6 +72,22 @@ _BYTES_LIKE = (bytes, bytearray, memoryview)
 # A segment fd -> one writable view over the whole segment; the view keeps the segment mapped
 # (and, for a reusable one, tells the sender when the receiver is done with it).
 Mapper = Callable[[int, bool], memoryview]
+
+
+def _compiled_hot_path() -> Any:
+    """The compiled hot path (``_speedups.c``), or None: not built, or FORKIO_PURE_PYTHON=1 asks
+    for the pure-Python path. Both behave the same; the Python code is the reference."""
+    if os.environ.get("FORKIO_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    return _speedups
+
+
+speedups = _compiled_hot_path()
+_encode_plain = speedups.encode_plain if speedups is not None else None
 
 
 # One decoded item: (message, fds, handle_kind, internal, error). A plain tuple, not a
@@ -203,19 +220,35 @@ class PickleCodec:
     def encode_message(self, message: Any, threshold: int | None, reusable: bool) -> tuple[bytes, list[memoryview]]:
         """``encode_shared`` for a message without fds, built for speed: a small message costs
         one ``pickle.dumps`` and a header, as it would without out-of-band buffers."""
-        kind = type(message)
-        if self._custom_dumps is None and (kind is dict or kind is tuple or kind not in _BYTES_LIKE):
-            oob: list[pickle.PickleBuffer] = []
-            try:
-                payload = _dumps(message, PICKLE_PROTOCOL, buffer_callback=oob.append)
-            except Exception:
-                pass  # the general path says why (or takes a memoryview out of band)
-            else:
-                size = len(payload)
-                if not oob and (threshold is None or size < threshold) and size <= self.max_frame_size:
-                    return _pack_header(MAGIC, KIND_MESSAGE, 0, 0, size) + payload, _NO_BUFFERS
-                if threshold is None or size < threshold or not _big_bytes_inside(message, threshold):
-                    return self._frame(KIND_MESSAGE, 0, 0, payload, oob, threshold, reusable)
+        if self._custom_dumps is None:
+            if _encode_plain is not None:
+                got = _encode_plain(message, threshold, self.max_frame_size)
+                if type(got) is bytes:
+                    return got, _NO_BUFFERS
+                if type(got) is tuple:
+                    return self.encode_pickled(message, got[0], threshold, reusable)
+            elif (kind := type(message)) is dict or kind is tuple or kind not in _BYTES_LIKE:
+                oob: list[pickle.PickleBuffer] = []
+                try:
+                    payload = _dumps(message, PICKLE_PROTOCOL, buffer_callback=oob.append)
+                except Exception:
+                    pass  # the general path says why (or takes a memoryview out of band)
+                else:
+                    size = len(payload)
+                    if not oob and (threshold is None or size < threshold) and size <= self.max_frame_size:
+                        return _pack_header(MAGIC, KIND_MESSAGE, 0, 0, size) + payload, _NO_BUFFERS
+                    return self.encode_pickled(message, payload, threshold, reusable, oob)
+        return self.encode_shared(message, threshold=threshold, reusable=reusable)
+
+    def encode_pickled(self, message: Any, payload: bytes, threshold: int | None, reusable: bool,
+                       oob: list[pickle.PickleBuffer] = _NO_BUFFERS,  # type: ignore[assignment]
+                       ) -> tuple[bytes, list[memoryview]]:
+        """``encode_message`` for a message already pickled (protocol 5, ``oob`` its buffers)."""
+        size = len(payload)
+        if not oob and (threshold is None or size < threshold) and size <= self.max_frame_size:
+            return _pack_header(MAGIC, KIND_MESSAGE, 0, 0, size) + payload, _NO_BUFFERS
+        if threshold is None or size < threshold or not _big_bytes_inside(message, threshold):
+            return self._frame(KIND_MESSAGE, 0, 0, payload, oob, threshold, reusable)
         return self.encode_shared(message, threshold=threshold, reusable=reusable)
 
     def _frame(self, kind: int, n_fds: int, flags: int, payload: bytes, oob: list[pickle.PickleBuffer],
@@ -284,6 +317,11 @@ class _Decoder:
     with a message that declared none) are closed at once, never queued for a later message.
     """
 
+    #: Nothing held back (no part of a message, no fds): then a read that is exactly one whole
+    #: message may be decoded on its own, here or by the compiled ``Wire``, without feeding it.
+    #: Skipping whole messages leaves the stream offsets consistent.
+    idle = True
+
     def __init__(self, max_frame_size: int) -> None:
         self._max = max_frame_size
         self._buffer = bytearray()
@@ -347,9 +385,9 @@ class PickleDecoder(_Decoder):
     def feed(self, data: bytes | memoryview, fds: Sequence[int] = ()) -> list[Incoming]:
         """Add bytes (and the fds that came with them); return every frame now complete."""
         size = len(data)
-        if not fds and size >= 8 and not self._buffer and self._big is None and not self._batches:
-            # The common read: exactly one small plain message, nothing held back. Checked by
-            # the same rules as ``_frames``; anything else (or a pickle that fails) goes the long way.
+        if not fds and size >= 8 and self.idle:
+            # The common read: exactly one small plain message. Checked by the same rules as
+            # ``_frames``; anything else (or a pickle that fails) goes the long way.
             magic, kind, nfds, nbuffers, length = _unpack_header(data, 0)
             if (size == 8 + length and magic == MAGIC and kind == KIND_MESSAGE and not nfds and not nbuffers
                     and length <= self._max):
@@ -358,9 +396,14 @@ class PickleDecoder(_Decoder):
                 except Exception:
                     pass
                 else:
-                    self._fed += size
-                    self._head = self._fed
                     return [(obj, _NO_FDS, None, False, None)]
+        try:
+            return self._feed_read(data, fds)
+        finally:
+            self.idle = not self._buffer and self._big is None and not self._batches
+
+    def _feed_read(self, data: bytes | memoryview, fds: Sequence[int]) -> list[Incoming]:
+        size = len(data)
         at = self._arrived(size, fds)
         big = self._big
         if big is None:
@@ -525,6 +568,10 @@ class JsonCodec:
         self.max_frame_size = max_frame_size
         self._dumps = _json_dumps()
 
+    def wire_options(self) -> dict[str, Any]:
+        """How the compiled ``Wire`` encodes and decodes the common case, exactly as this codec does."""
+        return {"json_dumps": self._dumps, "json_scan": cast(Any, json.JSONDecoder()).scan_once}
+
     def encode(self, message: Any, handle_kind: str | None = None, *, control: bool = False,
                handle_fields: dict[str, str] | None = None) -> bytes:
         """One line; with a handle it is wrapped in Node's ``NODE_HANDLE`` envelope (plus ``handle_fields``)."""
@@ -534,7 +581,10 @@ class JsonCodec:
             text = self._dumps(message)
         except (TypeError, ValueError, RecursionError) as exc:
             raise _unserialisable(exc, message) from exc
-        line = text.encode("utf-8", "surrogatepass") + b"\n"
+        try:
+            line = text.encode("utf-8") + b"\n"
+        except UnicodeEncodeError:  # a lone surrogate: escaped, as JSON.stringify does (never invalid UTF-8)
+            line = _json_dumps_ascii(message).encode("ascii") + b"\n"
         if len(line) > self.max_frame_size:  # a forkio peer would refuse the line
             raise SerializationError(f"message line of {len(line)} bytes exceeds max_frame_size={self.max_frame_size}:"
                                      " nothing was sent")
@@ -542,6 +592,9 @@ class JsonCodec:
 
     def decoder(self) -> JsonDecoder:
         return JsonDecoder(self.max_frame_size)
+
+
+_json_dumps_ascii = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
 def _json_dumps() -> Callable[[Any], str]:
@@ -592,17 +645,22 @@ class JsonDecoder(_Decoder):
         """Add bytes (and fds); return every complete line decoded."""
         chunk = data if isinstance(data, bytes) else bytes(data)
         size = len(chunk)
-        if (not fds and not self._buffer and not self._skipping and not self._batches
-                and chunk.find(b"\n") == size - 1 and 1 < size <= self._max):
-            # The common read: exactly one whole line, nothing held back (same rules as ``_line``).
+        if not fds and self.idle and chunk.find(b"\n") == size - 1 and 1 < size <= self._max:
+            # The common read: exactly one whole line, nothing held back (same rules as below).
             try:
                 obj = self._loads(chunk.decode("utf-8"))
             except (ValueError, UnicodeDecodeError, RecursionError):
                 pass  # the long way says why
             else:
                 if not is_internal(obj):
-                    self._fed += size
                     return [(obj, _NO_FDS, None, False, None)]
+        try:
+            return self._feed_read(chunk, fds)
+        finally:
+            self.idle = not self._buffer and not self._skipping and not self._batches
+
+    def _feed_read(self, chunk: bytes, fds: Sequence[int]) -> list[Incoming]:
+        size = len(chunk)
         at = self._arrived(size, fds)
         out: list[Incoming] = []
         if self._skipping:
