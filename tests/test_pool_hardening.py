@@ -639,12 +639,16 @@ def test_a_worker_dying_while_unpickling_its_first_task_says_so_and_charges_that
         assert pool.restarts == CRASH_LOOP_LIMIT + 4
 
 
-def test_a_task_frame_the_worker_cannot_take_in_fails_that_task_only() -> None:
-    """A task whose big argument the worker cannot map (its address space is limited) fails with
-    SerializationError, after one worker; the task behind it runs (it went round the workers forever)."""
+@pytest.mark.parametrize("kind", ["shared memory", "in the frame"])
+def test_a_task_frame_the_worker_cannot_take_in_fails_that_task_only(kind: str) -> None:
+    """A task whose big argument the worker cannot take in (its address space is limited: no room to
+    map its segment, or to read its frame) fails with SerializationError, after one worker; the task
+    behind it runs. (It went round fresh workers forever.)"""
     with Pool(1, initializer=tasks.limit_address_space, initargs=(64 << 20,)) as pool:
         assert pool.submit(tasks.inc, 1).result(timeout=30) == 2
-        big = pool.submit(len, pickle.PickleBuffer(bytearray(256 << 20)))
+        data = bytes(192 << 20)  # (under the frame limit, 256 MB)
+        big = pool.submit(len, pickle.PickleBuffer(data) if kind == "shared memory" else data)
+        del data
         after = pool.submit(tasks.inc, 2)
         error = big.exception(timeout=30)
         assert isinstance(error, SerializationError) and "worker cannot take in" in str(error), error

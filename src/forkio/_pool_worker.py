@@ -22,7 +22,7 @@ thread, a few milliseconds into a task that runs longer: a finished result never
 next task to end. A result with big buffers (shared memory) goes at once, in a frame of its own,
 so that a frame the pool cannot take in (no fd left for its segment) fails that one task only.
 A task cancelled before it started is skipped and reported as such. A tasks frame the worker
-cannot take in (no memory or no fd for its shared segment) is reported with the number of tasks
+cannot take in (no memory to read it or to map its shared segment, no fd) is reported with the number of tasks
 received before it, which names its first task, and the worker exits: what it held and had not
 started goes to another worker.
 """
@@ -400,11 +400,14 @@ class _Worker:
             return False
         return True
 
-    def unreadable(self, exc: SerializationError) -> None:
+    def unreadable(self, exc: Exception) -> None:
         """A frame from the pool could not be taken in: say which (by the tasks received before it,
-        after the results so far) and stop taking tasks; the tasks it held go to another worker."""
+        after the results so far) and stop taking tasks; the tasks it held go to another worker.
+        (A frame that fails to decode leaves the channel usable; one that fails to be read in,
+        a ``MemoryError``, may not: either way this worker stops.)"""
         self.flush()
-        error = SerializationError(f"the worker cannot take in the task's arguments: {exc}")
+        why = str(exc) if isinstance(exc, SerializationError) else f"{type(exc).__name__}: {exc}".rstrip(": ")
+        error = SerializationError(f"the worker cannot take in the task's arguments: {why}")
         error.__cause__ = exc
         try:
             parent.send(("unreadable", self.received, encode_error(error)))
@@ -423,10 +426,10 @@ class _Worker:
                 self.flush()
                 try:
                     message = parent.recv()
-                except SerializationError as exc:
+                except ChannelClosed:
+                    return  # the pool let us go: nothing left to do
+                except Exception as exc:  # a frame too big for our memory, a segment we cannot map...
                     return self.unreadable(exc)
-                except Exception:
-                    return  # the pool disconnected (or broke the channel): nothing left to do
                 if not self.handle(message, queue):
                     return
                 continue
@@ -434,14 +437,15 @@ class _Worker:
             if now - last_check > CHECK_CANCELS_EVERY:
                 # Between tasks, take in what the pool sent meanwhile (cancels, more tasks).
                 last_check = now
-                channel.read_available()
-                while channel._inbox:
-                    try:
-                        message = channel.pop(False)
-                    except SerializationError as exc:
-                        return self.unreadable(exc)
-                    if not self.handle(message, queue):
-                        return
+                try:
+                    channel.read_available()
+                    while channel._inbox:
+                        if not self.handle(channel.pop(False), queue):
+                            return
+                except ChannelClosed:
+                    raise
+                except Exception as exc:
+                    return self.unreadable(exc)
             task_id, payload, *big = queue.popleft()
             self.started[0] += 1  # seen by the pool even if we die in this task (see _pool_sched)
             if task_id in self.cancelled:
