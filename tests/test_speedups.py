@@ -192,6 +192,25 @@ def test_a_read_of_many_messages_hands_them_all_out_in_order(path: str, serializ
         right.close()
 
 
+@pytest.mark.parametrize("serialization", ["pickle", "json"])
+def test_a_reader_thread_fills_the_inbox(path: str, serialization: str) -> None:
+    """fill() (a watcher thread's read, a Node peer's background reader) decodes a whole read
+    into the inbox, and what it cannot decode goes the general way after it."""
+    a, b = socket.socketpair()
+    left, right = Channel(a, serialization=serialization), Channel(b, serialization=serialization)
+    try:
+        encode = left.codec.encode
+        left.sock.sendall(encode([1]) + encode([2]) + encode([3])[:2])
+        right.fill()
+        assert len(right._inbox) == 2
+        left.sock.sendall(encode([3])[2:])
+        right.fill()
+        assert [right.recv(timeout=5) for _ in range(3)] == [[1], [2], [3]]
+    finally:
+        left.close()
+        right.close()
+
+
 class InterruptsOnce:
     """Unpickling it raises KeyboardInterrupt the first time (a Ctrl-C while decoding)."""
 
@@ -411,3 +430,12 @@ def test_pure_python_path_passes_the_channel_suites() -> None:
          *(f"tests/{name}" for name in CHANNEL_SUITES)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=850, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_a_wire_that_was_never_set_up_refuses_to_work() -> None:
+    if _codec.speedups is None:
+        pytest.skip("the compiled hot path is not built here")
+    wire = _codec.speedups.Wire.__new__(_codec.speedups.Wire)
+    for call in (lambda: wire.send(1, None), lambda: wire.read(True), wire.recv_message, wire.fill):
+        with pytest.raises(RuntimeError, match="not initialised"):
+            call()

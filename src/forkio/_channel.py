@@ -356,7 +356,7 @@ class Channel:
         """
         with self._read_lock:
             if self.connected:
-                self.read_available(block=True)
+                self.read_waiting()
         if self._waiting:
             with self._cond:
                 self._cond.notify_all()
@@ -478,6 +478,20 @@ class Channel:
             else:
                 self._inbox.append(item)
         return True
+
+    def read_waiting(self) -> None:
+        """Wait for data, read once and decode it into the inbox (as the one reader)."""
+        wire = self._wire
+        if wire is not None and self._decoder.idle:
+            try:
+                if wire.fill() is None:  # every message of the read is in the inbox
+                    return
+            except OSError as exc:
+                self._read_failed(exc)
+                return
+            self.read_available()  # decodes what fill() left
+        else:
+            self.read_available(block=True)
 
     def _read_failed(self, exc: OSError) -> None:
         """A read raised: the end of the channel (broken unless the peer reset it)."""
@@ -635,7 +649,7 @@ class Channel:
                     if inbox:
                         continue
                     if remaining is None:
-                        self.read_available(block=True)
+                        self.read_waiting()
                     elif not self.read_available():
                         self._in_poll.poll(max(0.0, remaining * 1000))
                 finally:

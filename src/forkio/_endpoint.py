@@ -92,15 +92,15 @@ class Endpoint(EventEmitter):
             if self._unusable:
                 raise ChannelClosed(self._reason)
             return
-        inbox, pop = self._channel._inbox, self._channel.pop
+        inbox, take = self._channel._inbox, self._channel._take
         while True:
             # One read often decodes many messages: hand those out without a recv() each.
             while inbox:
                 try:
-                    message = pop(False)
+                    item = inbox.popleft()
                 except IndexError:  # another thread took it first
                     break
-                yield message
+                yield take(item, False) if item[1] or item[4] is not None else item[0]
             try:
                 yield self.recv()
             except ChannelClosed:

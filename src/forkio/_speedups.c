@@ -10,6 +10,8 @@
  *   Wire.recv_message()                           a blocking read; the first message when the
  *                                                 read holds whole plain frames (the others go to
  *                                                 the inbox), else MORE
+ *   Wire.fill()                                   the same, every message to the inbox (a reader
+ *                                                 thread's read)
  *   Wire.read(block)                              one read, for the general decoder (first what
  *                                                 recv_message left to it)
  *
@@ -238,6 +240,17 @@ Wire_clear(Wire *self)
     return 0;
 }
 
+/* Methods of a Wire whose __init__ never ran (or failed) would touch NULL pointers. */
+static int
+ready(Wire *self)
+{
+    if (self->release == NULL || self->recv.obj == NULL || self->inbox_appendleft == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Wire is not initialised");
+        return 0;
+    }
+    return 1;
+}
+
 static void
 Wire_dealloc(Wire *self)
 {
@@ -367,6 +380,8 @@ Wire_send(Wire *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "send(message, threshold)");
         return NULL;
     }
+    if (!ready(self))
+        return NULL;
     if (self->fd < 0)
         Py_RETURN_FALSE;
     if (self->json_dumps != NULL)
@@ -463,6 +478,8 @@ read_once(Wire *self, int block, PyObject **fds)
 static PyObject *
 Wire_read(Wire *self, PyObject *block)
 {
+    if (!ready(self))
+        return NULL;
     if (self->pending != NULL) {  /* what recv_message read and did not decode comes first */
         PyObject *pending = self->pending;
         self->pending = NULL;
@@ -581,9 +598,11 @@ to_inbox(Wire *self, PyObject *value, PyObject *add)
  * decoded goes to the inbox, the rest is kept for read(), and the answer is MORE. Only call it
  * while the decoder is idle (nothing held back) and the inbox is empty. */
 static PyObject *
-Wire_recv_message(Wire *self, PyObject *Py_UNUSED(ignored))
+receive(Wire *self, int keep_first)
 {
-    if (self->pending != NULL || self->inbox_append == NULL) {
+    if (!ready(self))
+        return NULL;
+    if (self->pending != NULL) {
         Py_INCREF(MORE);
         return MORE;
     }
@@ -606,13 +625,16 @@ Wire_recv_message(Wire *self, PyObject *Py_UNUSED(ignored))
         if (value == NULL)
             break;
         pos = next;
-        if (first == NULL)
+        if (first == NULL && keep_first)
             first = value;
         else if (to_inbox(self, value, self->inbox_append) < 0)
             goto fail;
     }
-    if (pos == n)
-        return first;  /* n > 0 and every byte decoded: at least one message */
+    if (pos == n) {  /* n > 0 and every byte decoded: at least one message */
+        if (keep_first)
+            return first;
+        Py_RETURN_NONE;
+    }
     /* b[pos:n] is the decoder's (the next read() hands it over); what was decoded before it
      * comes first. An interruption while decoding (Ctrl-C) loses nothing: it goes on after. */
     PyObject *type, *exc, *traceback;
@@ -637,6 +659,18 @@ fail:
 }
 
 static PyObject *
+Wire_recv_message(Wire *self, PyObject *Py_UNUSED(ignored))
+{
+    return receive(self, 1);
+}
+
+static PyObject *
+Wire_fill(Wire *self, PyObject *Py_UNUSED(ignored))
+{
+    return receive(self, 0);
+}
+
+static PyObject *
 Wire_disable(Wire *self, PyObject *Py_UNUSED(ignored))
 {
     self->fd = -1;
@@ -654,6 +688,8 @@ static PyMethodDef Wire_methods[] = {
      "send(message, threshold): None once sent; False or (pickle,) when the Python path must send it."},
     {"recv_message", (PyCFunction)Wire_recv_message, METH_NOARGS,
      "Blocking read: the first message when the read holds whole plain frames, else MORE (read() has the rest)."},
+    {"fill", (PyCFunction)Wire_fill, METH_NOARGS,
+     "recv_message for a reader that hands every message to the inbox: None, or MORE (read() has the rest)."},
     {"read", (PyCFunction)Wire_read, METH_O,
      "read(block): (start, end, fds) of one read in the buffer (first what recv_message left), or None."},
     {"disable", (PyCFunction)Wire_disable, METH_NOARGS, "Stop using the fd (call under the send lock)."},
