@@ -29,8 +29,6 @@ from .._events import EventEmitter
 from .._handles import Handle
 from .._process import ChildProcess
 from ._settings import (
-    BOOT_FAILURES,
-    BOOT_WINDOW,
     ENV_ID,
     ENV_SETTINGS,
     Address,
@@ -38,8 +36,8 @@ from ._settings import (
     Settings,
     bind,
     bound_address,
-    restart_delay,
 )
+from ._starts import BOOT_FAILURES, BOOT_WINDOW, StartLimit
 
 T = TypeVar("T")
 EVENTS = ("fork", "online", "listening", "message", "disconnect", "exit", "error")
@@ -143,9 +141,7 @@ class Supervisor:
         self._generation = 0
         self._reloading = False
         self._reload_pending = False
-        self._boot_failures: deque[float] = deque()  # when the recent unstable starts ended
-        self._unstable = 0  # unstable starts in a row (since a worker last stayed up)
-        self._restart_at: float | None = None  # no worker is started before this (back-off)
+        self._starts = StartLimit()
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -239,7 +235,7 @@ class Supervisor:
                     future.set_exception(exc)
 
     def _next_deadline(self) -> float | None:
-        times = [] if self._restart_at is None else [self._restart_at]
+        times = [] if self._starts.hold_until is None else [self._starts.hold_until]
         timeout = self.settings.timeout
         for worker in self.workers.values():
             if worker._ready and not worker._stable:
@@ -253,8 +249,7 @@ class Supervisor:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         timeout = self.settings.timeout
-        if self._restart_at is not None and now >= self._restart_at:
-            self._restart_at = None
+        if self._starts.hold_until is not None and not self._starts.held(now):
             self._reconcile()
         for worker in list(self.workers.values()):
             if worker._ready and not worker._stable and now >= worker._ready_at + self.settings.min_uptime:
@@ -397,7 +392,7 @@ class Supervisor:
     def _on_stable(self, worker: Worker) -> None:
         """``worker`` stayed up ``min_uptime`` after ready: its start worked."""
         worker._stable = True
-        self._unstable = 0
+        self._starts.stable()
         self._retire_replaced()
 
     def _on_channel(self, worker: Worker) -> None:
@@ -478,37 +473,23 @@ class Supervisor:
             why = "unstable start"
         else:
             why = "unexpected"
-        crash_loop = unstable and self._count_unstable()
-        delay = 0.0
-        if unstable and not crash_loop and self.count is not None and not self._stopping:
-            self._unstable += 1
-            delay = restart_delay(self._unstable)
-        self.log(f"worker {worker.id} (pid {worker.pid}) exited: {how} ({why})"
-                 + (f"; next start in {delay:g} s ({self._unstable} unstable starts in a row)" if delay else ""))
+        crash_loop, delay = False, 0.0
+        if unstable:
+            restarting = self.count is not None and not self._stopping
+            crash_loop, delay = self._starts.unstable(time.monotonic(), restarting=restarting)
+        self.log(f"worker {worker.id} (pid {worker.pid}) exited: {how} ({why})" + (
+            f"; next start in {delay:g} s ({self._starts.in_a_row} unstable starts in a row)" if delay else ""))
         self.events.emit("exit", worker, worker.exit_code, worker.signal_code)
         worker.emit("exit", worker.exit_code, worker.signal_code)
         if crash_loop:
             self._crash_loop(how)
             return
-        if delay:
-            self._restart_at = max(self._restart_at or 0.0, time.monotonic() + delay)
         self._reconcile()
         self._retire_replaced()
         self._close_unused_slots()
 
-    def _count_unstable(self) -> bool:
-        """Count an unstable start; True when too many of them in the window mean a crash loop."""
-        now = time.monotonic()
-        self._boot_failures.append(now)
-        while self._boot_failures and now - self._boot_failures[0] > BOOT_WINDOW:
-            self._boot_failures.popleft()
-        return len(self._boot_failures) >= BOOT_FAILURES
-
     def _crash_loop(self, how: str) -> None:
         """Workers cannot start (or stay up): back to the old workers during a reload, else stop."""
-        self._boot_failures.clear()
-        self._unstable = 0
-        self._restart_at = None
         old = [w for w in self.workers.values() if w._retiring and not w._asked]
         if old:  # a reload whose new code cannot start (or stay up): keep the old workers serving
             self.log(f"reload failed: new workers died at boot or soon after {BOOT_FAILURES} times in "
@@ -531,8 +512,8 @@ class Supervisor:
         if self.count is None or self._stopping:
             return
         counted = [w for w in self.workers.values() if w._counted]
-        held_back = self._restart_at is not None and time.monotonic() < self._restart_at
-        for _ in range(0 if held_back else self.count - len(counted)):  # held back: the deadline comes back
+        held = self._starts.held(time.monotonic())
+        for _ in range(0 if held else self.count - len(counted)):  # held back: _check_deadlines comes back
             try:
                 self.fork()
             except Exception as exc:  # a preload that fails, no processes left...: say it in one line

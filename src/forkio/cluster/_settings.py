@@ -15,15 +15,7 @@ from .._errors import ForkioError
 ENV_ID = "FORKIO_CLUSTER_WORKER"  # the worker's id, set by the primary (Node's NODE_UNIQUE_ID)
 ENV_SETTINGS = "FORKIO_CLUSTER_SETTINGS"  # the settings below, as JSON
 BACKLOG = 2048
-# A start is unstable when its worker dies, unasked, before it is ready or within ``min_uptime``
-# seconds after (PM2's min_uptime; systemd's StartLimitBurst over StartLimitIntervalSec):
-BOOT_FAILURES = 5  # this many unstable starts ...
-BOOT_WINDOW = 10.0  # ... within this many seconds stop the cluster
-MIN_UPTIME = 1.0
-# Unstable starts in a row wait before the next start, doubling from the second on (the first
-# is replaced at once), so a worker that keeps exiting cannot keep the CPUs busy starting it.
-RESTART_DELAY = 0.1
-RESTART_DELAY_MAX = 10.0
+MIN_UPTIME = 1.0  # a worker that dies sooner after ready is an unstable start (see _starts)
 REUSE_PORT_DEFAULT = sys.platform.startswith("linux")  # elsewhere SO_REUSEPORT does not spread connections
 
 # ("tcp", host, port) or ("unix", path): hashable, picklable, the same in primary and workers.
@@ -80,13 +72,6 @@ class Settings:
         data = json.loads(text)
         data["binds"] = [tuple(b) for b in data.get("binds", ())]
         return cls(**data)
-
-
-def restart_delay(unstable: int) -> float:
-    """How long to wait before starting a worker after ``unstable`` unstable starts in a row."""
-    if unstable <= 1:
-        return 0.0
-    return min(RESTART_DELAY * 2.0 ** (unstable - 2), RESTART_DELAY_MAX)
 
 
 def parse_address(address: AddressLike) -> Address:
