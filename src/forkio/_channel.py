@@ -633,6 +633,7 @@ class Channel:
                             self._cond.notify_all()
         deadline = None if timeout is None else time.monotonic() + timeout
         inbox = self._inbox
+        looked = False  # whether the socket was read (or a reader waited for) since the call
         while True:
             if inbox:
                 try:
@@ -643,7 +644,10 @@ class Channel:
                 self._check_open()
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise WaitTimeout(f"no message within {timeout} s")
+                if looked:
+                    raise WaitTimeout(f"no message within {timeout} s")
+                remaining = 0.0  # timeout=0, or a deadline passed before any look: one look still
+            looked = True
             if self._read_lock.acquire(False):
                 try:
                     if inbox:
