@@ -8,6 +8,7 @@ the channel's own test files with ``FORKIO_PURE_PYTHON=1``: CI runs both paths.
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import signal
@@ -455,7 +456,7 @@ def _items_after(serialization: str, pure: bool, stream: bytes, cuts: list[int],
     try:
         got: list[Any] = []
         bounds = [0, *sorted(set(cuts)), len(stream)]
-        for start, end in zip(bounds, bounds[1:]):
+        for start, end in itertools.pairwise(bounds):
             if end > start:
                 left.sock.sendall(stream[start:end])
                 while right.connected and right.read_available():
