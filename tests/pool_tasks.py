@@ -236,6 +236,22 @@ class _ExitOnUnpickle:
         return (sys.exit, (1,))
 
 
+def limit_address_space(extra: int) -> None:
+    """Initializer: this worker may map only ``extra`` more bytes than it has now (RLIMIT_AS)."""
+    import resource
+
+    with open("/proc/self/status") as status:
+        size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (size + extra, resource.RLIM_INFINITY))
+
+
+class DieOnUnpickle:
+    """An argument whose unpickling ends the worker process at once (exit code 7)."""
+
+    def __reduce__(self) -> Any:
+        return (os._exit, (7,))
+
+
 def exit_when_unpickled() -> Any:
     return _ExitOnUnpickle()
 

@@ -12,6 +12,7 @@ import pytest
 
 from forkio import cluster
 from forkio.cluster._settings import ClusterError, Settings, parse_address
+from forkio.cluster._starts import RESTART_DELAY_MAX, StartLimit, restart_delay
 from test_cluster import APP, App, Load, free_port, get
 
 CHILDREN = Path(__file__).parent / "children"
@@ -24,8 +25,11 @@ def forkio_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[s
 @pytest.mark.parametrize("args, message", [
     (["serve", "no_colon"], "expected MODULE:APP"),
     (["serve", "m:app", "--bind", "localhost:http"], "not a port"),
-    (["serve", "m:app", "--workers", "0"], "must be >= 1"),
+    (["serve", "m:app", "--workers", "0"], "must be at least 1"),
+    (["serve", "m:app", "--max-requests-jitter", "-1"], "must be at least 0"),
+    (["cluster", "--workers", "two", "app.py"], "expected a whole number"),
     (["serve", "m:app", "--timeout", "soon"], "not a number of seconds"),
+    (["serve", "m:app", "--min-uptime", "-1"], "seconds must be >= 0"),
     (["cluster", "no_such_script.py"], "no such script"),
 ])
 def test_bad_usage_is_one_line_and_status_2(args: list[str], message: str) -> None:
@@ -129,6 +133,7 @@ def test_bad_addresses_are_refused(bad: object) -> None:
 
 
 @pytest.mark.parametrize("options", [{"timeout": 0}, {"graceful_timeout": -1}, {"max_requests": 0},
+                                     {"min_uptime": -1}, {"min_uptime": float("nan")},
                                      {"max_requests_jitter": -2}])
 def test_bad_settings_are_refused(options: dict[str, float]) -> None:
     """Out-of-range settings are a ValueError at once."""
@@ -200,3 +205,31 @@ def test_the_cluster_public_names_exist_and_are_documented() -> None:
         if callable(obj):
             assert (obj.__doc__ or "").strip(), f"forkio.cluster.{name} has no docstring"
     assert issubclass(cluster.ClusterError, forkio.ForkioError)
+
+
+def test_restarts_after_unstable_starts_back_off_doubling_to_a_cap() -> None:
+    """The first unstable start is replaced at once; then the wait doubles from 0.1 s up to its cap."""
+    assert [restart_delay(n) for n in range(6)] == [0.0, 0.0, 0.1, 0.2, 0.4, 0.8]
+    assert restart_delay(1000) == RESTART_DELAY_MAX
+
+
+def test_five_unstable_starts_in_ten_seconds_are_a_crash_loop_and_starts_wait_meanwhile() -> None:
+    """The start limit as a pure rule: waits grow in a row and hold starts back until they pass; the
+    fifth in the window is a crash loop; a worker that stays up ends the run of waits."""
+    starts = StartLimit()
+    assert starts.unstable(0.0, restarting=True) == (False, 0.0) and not starts.held(0.0)
+    assert starts.unstable(1.0, restarting=True) == (False, 0.1)
+    assert starts.held(1.05) and not starts.held(1.1)
+    assert starts.unstable(2.0, restarting=True) == (False, 0.2)
+    starts.stable()  # a worker stayed up: the next one is replaced at once again
+    assert starts.unstable(3.0, restarting=True) == (False, 0.0)
+    assert starts.unstable(4.0, restarting=True) == (True, 0.0)  # 5 within 10 s
+    assert not starts.held(4.0) and not starts.recent and starts.in_a_row == 0
+
+
+def test_unstable_starts_spread_wider_than_the_window_are_no_crash_loop() -> None:
+    """One unstable start every 3 s never puts 5 in a 10-second window; the waits still grow, to a cap."""
+    starts = StartLimit()
+    outcomes = [starts.unstable(3.0 * n, restarting=True) for n in range(20)]
+    assert not any(loop for loop, _ in outcomes)
+    assert outcomes[-1][1] == RESTART_DELAY_MAX

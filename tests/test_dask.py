@@ -27,6 +27,7 @@ import dask_tasks  # noqa: E402
 import forkio  # noqa: E402
 import pool_tasks as tasks  # noqa: E402
 from forkio import Pool, RemoteError, TaskTimeout, WorkerCrashed  # noqa: E402
+from test_pool_api import BAD_OPTIONS  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -336,3 +337,13 @@ def test_cli_cluster_usage_errors_are_one_line(args: list[str], without_dask: bo
                            "--cluster", "tcp://127.0.0.1:1", *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
         proc.stderr
+
+
+LOCAL_ONLY = {"workers", "max_workers", "max_tasks_per_child", "mp_context"}  # a Dask pool refuses them anyway
+
+
+@pytest.mark.parametrize("kwargs,error", [(k, e) for k, e in BAD_OPTIONS if not LOCAL_ONLY & k.keys()])
+def test_bad_options_are_refused_as_the_local_pool_refuses_them(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    """The local pool's checks, at the call: before connecting (nothing listens at this address)."""
+    with pytest.raises(error):
+        Pool(cluster="tcp://127.0.0.1:1", **kwargs)

@@ -242,7 +242,7 @@ def test_yielded_results_are_not_kept_alive(pool: Pool, face: str, capsys: pytes
 
 
 # ---- item: every option checked up front; inf is no limit -------------------------------------------
-@pytest.mark.parametrize("kwargs,error", [
+BAD_OPTIONS = [
     ({"workers": 2.5}, TypeError),
     ({"workers": "2"}, TypeError),
     ({"workers": True}, TypeError),
@@ -265,7 +265,10 @@ def test_yielded_results_are_not_kept_alive(pool: Pool, face: str, capsys: pytes
     ({"max_tasks_per_worker": 2, "max_tasks_per_child": 3}, TypeError),
     ({"mp_context": "spawn"}, TypeError),
     ({"mp_context": multiprocessing.get_context("fork")}, ValueError),
-])
+]
+
+
+@pytest.mark.parametrize("kwargs,error", BAD_OPTIONS)
 def test_bad_options_are_refused_by_the_constructor(kwargs: dict[str, Any], error: type[Exception]) -> None:
     """A bad option raises at Pool(), before any worker or thread starts."""
     threads = threading.active_count()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -620,3 +621,36 @@ def test_killing_ready_workers_again_and_again_never_breaks_the_pool() -> None:
             assert gone(pid, within=10)
             assert pool.submit(tasks.inc, 1).result(timeout=30) == 2
         assert "broken" not in repr(pool)
+
+
+def test_a_worker_dying_while_unpickling_its_first_task_says_so_and_charges_that_task() -> None:
+    """Each worker ready, each dying while it unpickles its first task's arguments: WorkerCrashed says it
+    died running the task (not 'before it was ready'), the death is one of the task's runs, and more of
+    them in a row than the crash-loop limit do not break the pool."""
+    with Pool(1) as pool:
+        for _ in range(CRASH_LOOP_LIMIT + 1):  # a fresh worker each time
+            error = pool.submit(tasks.inc, tasks.DieOnUnpickle()).exception(timeout=30)
+            assert isinstance(error, WorkerCrashed) and error.exit_code == 7, error
+            assert "while running the task" in str(error) and "ready" not in str(error), error
+        error = pool.options(retries=2).submit(tasks.inc, tasks.DieOnUnpickle()).exception(timeout=30)
+        assert isinstance(error, WorkerCrashed) and str(error).endswith("while running the task (run 3 of 3)")
+        assert pickle.loads(pickle.dumps(error)).detail == error.detail
+        assert pool.submit(tasks.inc, 1).result(timeout=30) == 2
+        assert pool.restarts == CRASH_LOOP_LIMIT + 4
+
+
+@pytest.mark.parametrize("kind", ["shared memory", "in the frame"])
+def test_a_task_frame_the_worker_cannot_take_in_fails_that_task_only(kind: str) -> None:
+    """A task whose big argument the worker cannot take in (its address space is limited: no room to
+    map its segment, or to read its frame) fails with SerializationError, after one worker; the task
+    behind it runs. (It went round fresh workers forever.)"""
+    with Pool(1, initializer=tasks.limit_address_space, initargs=(64 << 20,)) as pool:
+        assert pool.submit(tasks.inc, 1).result(timeout=30) == 2
+        data = bytes(192 << 20)  # (under the frame limit, 256 MB)
+        big = pool.submit(len, pickle.PickleBuffer(data) if kind == "shared memory" else data)
+        del data
+        after = pool.submit(tasks.inc, 2)
+        error = big.exception(timeout=30)
+        assert isinstance(error, SerializationError) and "worker cannot take in" in str(error), error
+        assert after.result(timeout=30) == 3
+        assert pool.restarts == 1

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from forkio._pool_sched import Dispatch, Failure, Kill, Resolve, Retire, Scheduler, SkipTask, Spawn, Task, Worker
+from forkio._pool_sched import (
+    CRASH_LOOP_LIMIT,
+    Break,
+    Dispatch,
+    Failure,
+    Kill,
+    Resolve,
+    Retire,
+    Scheduler,
+    SkipTask,
+    Spawn,
+    Task,
+    Worker,
+)
 
 
 def _pool(size: int = 2, *, ready: bool = True, **options: int) -> tuple[Scheduler, list[Worker]]:
@@ -194,3 +207,39 @@ def test_a_spare_worker_takes_no_work_until_one_dies() -> None:
     assert not spare.assigned
     sched.worker_died(w0, Failure("crashed", w0, -9), started=1)
     assert sched.dispatch(1.0) == [Dispatch(spare, [second])]
+
+
+def test_a_ready_worker_dying_in_its_first_task_charges_that_task_not_the_start() -> None:
+    """Fresh workers, each ready, each dying in its first task (unpickling its arguments, say): the
+    failure names that task and counts as one of its runs, and deaths like these never break the pool."""
+    sched, (w0,) = _pool(1)
+    task = Task(1, b"", retries=1)
+    _submit(sched, task)
+    worker, resolved = w0, []
+    for n in range(1, 2 + CRASH_LOOP_LIMIT):
+        actions = sched.worker_died(worker, Failure("crashed", worker, 7), started=1)
+        assert Spawn(1) in actions and not any(isinstance(a, Break) for a in actions)
+        resolved += [a for a in actions if isinstance(a, Resolve)]
+        worker = Worker(n)
+        sched.add_worker(worker)
+        sched.worker_ready(worker)
+        if not sched.queue:
+            sched.submit(Task(100 + n, b""))
+        sched.dispatch(float(n))
+    first = resolved[0].value
+    assert first.task is task and first.kind == "crashed" and task.attempts == 2  # its two runs
+    assert len(resolved) == CRASH_LOOP_LIMIT and not sched.broken and sched.start_failures == 0
+
+
+def test_a_frame_the_worker_cannot_take_in_fails_its_first_task_only() -> None:
+    """The worker says how many tasks it took in before the frame it could not read: that names the
+    frame's task among those still in hand (results already taken off the front)."""
+    sched, (w0,) = _pool(1)
+    sched.avg_seconds = 1e-5
+    tasks = [Task(i, b"") for i in range(4)]
+    _submit(sched, *tasks)
+    sched.task_finished(w0, 0, True, None, 1e-5)
+    error = ValueError("no memory for its segment")
+    assert sched.unreadable(w0, 2, error) == [Resolve(tasks[2], False, error)]
+    assert list(w0.assigned) == [tasks[1], tasks[3]]
+    assert sched.unreadable(w0, 9, error) == []  # not a task it holds: nothing to fail

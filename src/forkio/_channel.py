@@ -356,7 +356,7 @@ class Channel:
         """
         with self._read_lock:
             if self.connected:
-                self.read_waiting()
+                self.read_available(block=True)
         if self._waiting:
             with self._cond:
                 self._cond.notify_all()
@@ -447,6 +447,18 @@ class Channel:
     def read_available(self, *, block: bool = False) -> bool:
         """Read once (waiting for data if ``block``) and decode. False when there was nothing to read."""
         wire = self._wire
+        if wire is not None and self._decoder.idle:
+            # Compiled: the read's whole plain messages go to the inbox; the rest below.
+            try:
+                done = wire.fill(block)
+            except OSError as exc:
+                self._read_failed(exc)
+                return True
+            if done is None:
+                return True
+            if done is False:
+                return False
+            block = False  # what fill() left is read below without waiting
         try:
             if wire is not None:
                 got = wire.read(block)
@@ -478,20 +490,6 @@ class Channel:
             else:
                 self._inbox.append(item)
         return True
-
-    def read_waiting(self) -> None:
-        """Wait for data, read once and decode it into the inbox (as the one reader)."""
-        wire = self._wire
-        if wire is not None and self._decoder.idle:
-            try:
-                if wire.fill() is None:  # every message of the read is in the inbox
-                    return
-            except OSError as exc:
-                self._read_failed(exc)
-                return
-            self.read_available()  # decodes what fill() left
-        else:
-            self.read_available(block=True)
 
     def _read_failed(self, exc: OSError) -> None:
         """A read raised: the end of the channel (broken unless the peer reset it)."""
@@ -633,6 +631,7 @@ class Channel:
                             self._cond.notify_all()
         deadline = None if timeout is None else time.monotonic() + timeout
         inbox = self._inbox
+        looked = False  # whether the socket was read (or a reader waited for) since the call
         while True:
             if inbox:
                 try:
@@ -643,13 +642,16 @@ class Channel:
                 self._check_open()
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise WaitTimeout(f"no message within {timeout} s")
+                if looked:
+                    raise WaitTimeout(f"no message within {timeout} s")
+                remaining = 0.0  # timeout=0, or a deadline passed before any look: one look still
+            looked = True
             if self._read_lock.acquire(False):
                 try:
                     if inbox:
                         continue
                     if remaining is None:
-                        self.read_waiting()
+                        self.read_available(block=True)
                     elif not self.read_available():
                         self._in_poll.poll(max(0.0, remaining * 1000))
                 finally:

@@ -7,8 +7,8 @@ import math
 import operator
 import os
 import signal
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
 
 def timeout_arg(value: Any, name: str = "timeout", *, zero: bool = True) -> float | None:
@@ -102,3 +102,41 @@ def check_timeout(name: str, value: Any, *, positive: bool = True) -> float | No
     if math.isnan(seconds) or (positive and seconds <= 0):
         raise ValueError(f"{name} must be a positive number of seconds (or None for no limit), not {value!r}")
     return None if math.isinf(seconds) and seconds > 0 else seconds
+
+
+class PoolOptions(NamedTuple):
+    """The options every pool takes (local or on Dask), checked."""
+
+    task_timeout: float | None
+    retries: int
+    spare_workers: int
+    max_tasks_per_worker: int | None
+    max_memory_per_worker: int | None
+    initializer: Callable[..., Any] | None
+    initargs: tuple[Any, ...]
+    preload: tuple[str, ...]
+
+
+def check_pool_options(*, task_timeout: Any, retries: Any, spare_workers: Any, max_tasks_per_worker: Any,
+                       max_memory_per_worker: Any, initializer: Any, initargs: Any, preload: Any,
+                       max_tasks_name: str = "max_tasks_per_worker") -> PoolOptions:
+    """A pool's options checked at the call (a bad one found later, in a pool's thread or on a
+    remote worker, would break the pool). ``max_tasks_name`` is how the caller spelled that option."""
+    from ._zygote import _normalise  # (not at import: the process faces use this module too)
+
+    if initializer is not None and not callable(initializer):
+        raise TypeError(f"initializer must be callable or None, not {type(initializer).__name__}")
+    if isinstance(initargs, str | bytes) or not isinstance(initargs, Iterable):
+        raise TypeError(f"initargs must be a tuple of arguments, not {type(initargs).__name__}")
+    return PoolOptions(
+        task_timeout=check_timeout("task_timeout", task_timeout),
+        retries=check_count("retries", retries, 0),
+        spare_workers=check_count("spare_workers", spare_workers, 0),
+        max_tasks_per_worker=None if max_tasks_per_worker is None else check_count(
+            max_tasks_name, max_tasks_per_worker, 1),
+        max_memory_per_worker=None if max_memory_per_worker is None else check_count(
+            "max_memory_per_worker", max_memory_per_worker, 1),
+        initializer=initializer,
+        initargs=tuple(initargs),
+        preload=_normalise(preload),
+    )

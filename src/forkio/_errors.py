@@ -63,6 +63,7 @@ class WorkerCrashed(ForkioError):
         self.pid = pid
         self.exit_code = exit_code
         self.signal_code = signal_code
+        self.detail = detail
         how = f"signal {signal_code}" if signal_code else f"exit code {exit_code}"
         hint = " (killed — out of memory?)" if signal_code == "SIGKILL" else ""
         message = f"worker {pid} died with {how}{hint}"
@@ -71,7 +72,7 @@ class WorkerCrashed(ForkioError):
         super().__init__(message)
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.pid, self.exit_code, self.signal_code))
+        return (type(self), (self.pid, self.exit_code, self.signal_code, self.detail))
 
 
 class TaskTimeout(WaitTimeout):

@@ -117,7 +117,7 @@ class NodeLink:
                 # thread is simply "the one reading"; recv() callers wait for what it decodes.
                 with channel._read_lock:
                     if channel.connected:
-                        channel.read_waiting()
+                        channel.read_available(block=True)
                 self._wake_all()
         finally:
             self._wake_all()

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any
 
-from ._check import check_count, check_timeout
+from ._check import check_count, check_pool_options
 from ._errors import SerializationError
 from ._pool_future import BrokenPool as BrokenPool
 from ._pool_future import PoolClosed as PoolClosed
@@ -86,38 +86,27 @@ class Pool(_PoolManager, Executor):
         if workers is None:
             workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         workers = check_count(workers_name, workers, 1)
-        retries = check_count("retries", retries, 0)
-        spare_workers = check_count("spare_workers", spare_workers, 0)
-        task_timeout = check_timeout("task_timeout", task_timeout)
-        if max_tasks_per_worker is not None:
-            max_tasks_per_worker = check_count(max_tasks_name, max_tasks_per_worker, 1)
-        if max_memory_per_worker is not None:
-            max_memory_per_worker = check_count("max_memory_per_worker", max_memory_per_worker, 1)
-        if initializer is not None and not callable(initializer):
-            raise TypeError(f"initializer must be callable or None, not {type(initializer).__name__}")
-        if isinstance(initargs, str | bytes) or not isinstance(initargs, Iterable):
-            raise TypeError(f"initargs must be a tuple of arguments, not {type(initargs).__name__}")
-        initargs = tuple(initargs)
-        from ._zygote import _normalise
-
-        preload = _normalise(preload)
+        options = check_pool_options(
+            task_timeout=task_timeout, retries=retries, spare_workers=spare_workers,
+            max_tasks_per_worker=max_tasks_per_worker, max_memory_per_worker=max_memory_per_worker,
+            initializer=initializer, initargs=initargs, preload=preload, max_tasks_name=max_tasks_name)
         self.workers = workers
-        self.task_timeout = task_timeout
-        self.retries = retries
-        self._preload = preload
+        self.task_timeout = options.task_timeout
+        self.retries = options.retries
+        self._preload = options.preload
         # The initializer is pickled apart: the worker can unpickle it only once it has our sys.path.
         # multiprocessing objects in it (queues, locks) bring fds, which go with each init message.
         try:
-            init_payload, self._init_fds = dumps_for_workers((initializer, initargs))
+            init_payload, self._init_fds = dumps_for_workers((options.initializer, options.initargs))
         except SerializationError:
             raise
         except Exception as exc:
             raise SerializationError(f"cannot send the initializer and its initargs to the workers: "
                                      f"{exc}{_cloudpickle_hint(exc)}") from exc
-        self._init_message = ("init", list(sys.path), _main_path(), max_memory_per_worker is not None,
+        self._init_message = ("init", list(sys.path), _main_path(), options.max_memory_per_worker is not None,
                               init_payload, _mp_authkey())
-        self._sched = Scheduler(workers, max_tasks_per_worker=max_tasks_per_worker,
-                                max_memory_per_worker=max_memory_per_worker)
+        self._sched = Scheduler(workers, max_tasks_per_worker=options.max_tasks_per_worker,
+                                max_memory_per_worker=options.max_memory_per_worker)
         self._procs: dict[int, _Proc] = {}
         self._tasks: dict[int, Task] = {}
         self._wake = _Wake()
@@ -130,7 +119,7 @@ class Pool(_PoolManager, Executor):
         self._broken_reason = ""
         self._starting = 0
         self.restarts = 0
-        self.spare_workers = spare_workers
+        self.spare_workers = options.spare_workers
         # Streams over an input without a length, not iterated yet, whose reading threads still
         # dispatch their first window (see _pool_stream._Stream): held here until they have,
         # dropped or not, and waited for by shutdown().

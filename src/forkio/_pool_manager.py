@@ -254,7 +254,12 @@ class _PoolManager:
             cause = self._failure_error(failure.detail) if isinstance(failure.detail, Failure) else None
             return self._broken_error(cause)
         code = failure.detail
-        detail = "before it was ready" if failure.kind == "start" else ""
+        if failure.task is not None:
+            task = failure.task
+            runs = f" (run {task.attempts} of {task.retries + 1})" if task.retries else ""
+            detail = f"while running the task{runs}"
+        else:
+            detail = "before it was ready" if failure.kind == "start" else ""
         if code is not None and code < 0:
             return WorkerCrashed(pid, None, signal_name(-code), detail)
         return WorkerCrashed(pid, code, None, detail)
@@ -417,6 +422,8 @@ class _PoolManager:
                         traceback.print_exc()
             elif kind == "ready":
                 self._sched.worker_ready(proc.state)
+            elif kind == "unreadable":
+                self._apply(self._sched.unreadable(proc.state, message[1], _decode_error(message[2])))
             elif kind == "init-failed":
                 error = _decode_error(message[1])
                 self._break(error, f"its initializer raised {type(error).__name__}: {error}")

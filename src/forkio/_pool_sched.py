@@ -112,10 +112,11 @@ Action = Dispatch | Resolve | Kill | Retire | Spawn | SkipTask | Break
 class Failure:
     """Why a task failed without an exception of its own: built into errors by the I/O layer."""
 
-    def __init__(self, kind: str, worker: Worker | None, detail: Any = None) -> None:
+    def __init__(self, kind: str, worker: Worker | None, detail: Any = None, task: Task | None = None) -> None:
         self.kind = kind  # "crashed", "timeout", "broken" (no worker left to retry it) or "start" (crash loop)
         self.worker = worker
         self.detail = detail
+        self.task = task  # the task the worker had started when it died (its error says so)
 
 
 class Scheduler:
@@ -215,6 +216,16 @@ class Scheduler:
             task.deadline = None
         return [] if task.cancelled else [Resolve(task, False, error)]
 
+    def unreadable(self, worker: Worker, received: int, error: BaseException) -> list[Action]:
+        """``worker`` could not take in a tasks frame after ``received`` tasks in all: the first task
+        of that frame fails with ``error`` (a frame that cannot be read in one worker will not be in
+        the next: it would go round the workers forever). The worker exits; its death requeues the
+        rest."""
+        at = received - worker.consumed  # its results and skips took the first ``consumed`` off
+        if not 0 <= at < len(worker.assigned):
+            return []
+        return self.unsent(worker, worker.assigned[at], error)
+
     def _take(self, worker: Worker, task_id: int) -> Task | None:
         """Take ``task_id`` off the front of what ``worker`` has in hand, with the cancelled tasks
         it skipped before it (their skips may arrive after a result, from older workers)."""
@@ -256,6 +267,9 @@ class Scheduler:
             running.attempts += 1
             if worker.stopping == "timeout":
                 failure = Failure("timeout", worker, running.timeout)
+            elif failure.kind in ("crashed", "start"):
+                # It died in this task (its arguments' unpickling included), ready or not: say so.
+                failure = Failure("crashed", worker, failure.detail, running)
             if running.cancelled:
                 pass
             elif running.attempts > running.retries:

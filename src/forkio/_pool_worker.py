@@ -12,6 +12,8 @@ Protocol (pickle frames over the worker's forkio channel):
                      ("results", [(task_id, status, payload, seconds, big buffers or None), ...],
                       rss_or_None)                                   status OK, RAISED or SKIPPED
                      ("message", task_id, message pickled)           from progress() / report()
+                     ("unreadable", tasks received before, error)    a tasks frame it cannot take in
+                                                                     (then it exits)
 
 Tasks run one at a time, in the order received, so the pool always knows which task a dead
 worker was running (it also counts the tasks it starts in shared memory). Results are sent
@@ -19,7 +21,10 @@ when the local queue runs dry, every few milliseconds while it does not, and, by
 thread, a few milliseconds into a task that runs longer: a finished result never waits for the
 next task to end. A result with big buffers (shared memory) goes at once, in a frame of its own,
 so that a frame the pool cannot take in (no fd left for its segment) fails that one task only.
-A task cancelled before it started is skipped and reported as such.
+A task cancelled before it started is skipped and reported as such. A tasks frame the worker
+cannot take in (no memory to read it or to map its shared segment, no fd) is reported with the number of tasks
+received before it, which names its first task, and the worker exits: what it held and had not
+started goes to another worker.
 """
 
 from __future__ import annotations
@@ -342,6 +347,7 @@ class _Worker:
         self.report_rss = False
         self.cancelled: set[int] = set()
         self.started = memoryview(bytearray(8)).cast("Q")  # replaced by the pool's shared counter
+        self.received = 0  # tasks taken in from "tasks" frames
         self.last_flush = time.perf_counter()
         self.lock = threading.Lock()
         self.busy = threading.Event()  # set while a task runs with results waiting to go
@@ -387,11 +393,26 @@ class _Worker:
         kind = message[0]
         if kind == "tasks":
             queue.extend(message[1])
+            self.received += len(message[1])
         elif kind == "cancel":
             self.cancelled.add(message[1])
         elif kind == "exit":
             return False
         return True
+
+    def unreadable(self, exc: Exception) -> None:
+        """A frame from the pool could not be taken in: say which (by the tasks received before it,
+        after the results so far) and stop taking tasks; the tasks it held go to another worker.
+        (A frame that fails to decode leaves the channel usable; one that fails to be read in,
+        a ``MemoryError``, may not: either way this worker stops.)"""
+        self.flush()
+        why = str(exc) if isinstance(exc, SerializationError) else f"{type(exc).__name__}: {exc}".rstrip(": ")
+        error = SerializationError(f"the worker cannot take in the task's arguments: {why}")
+        error.__cause__ = exc
+        try:
+            parent.send(("unreadable", self.received, encode_error(error)))
+        except ChannelClosed:
+            pass
 
     def run(self) -> None:
         global _current_task
@@ -405,8 +426,10 @@ class _Worker:
                 self.flush()
                 try:
                     message = parent.recv()
-                except Exception:
-                    return  # the pool disconnected (or broke the channel): nothing left to do
+                except ChannelClosed:
+                    return  # the pool let us go: nothing left to do
+                except Exception as exc:  # a frame too big for our memory, a segment we cannot map...
+                    return self.unreadable(exc)
                 if not self.handle(message, queue):
                     return
                 continue
@@ -414,10 +437,15 @@ class _Worker:
             if now - last_check > CHECK_CANCELS_EVERY:
                 # Between tasks, take in what the pool sent meanwhile (cancels, more tasks).
                 last_check = now
-                channel.read_available()
-                while channel._inbox:
-                    if not self.handle(channel.pop(False), queue):
-                        return
+                try:
+                    channel.read_available()
+                    while channel._inbox:
+                        if not self.handle(channel.pop(False), queue):
+                            return
+                except ChannelClosed:
+                    raise
+                except Exception as exc:
+                    return self.unreadable(exc)
             task_id, payload, *big = queue.popleft()
             self.started[0] += 1  # seen by the pool even if we die in this task (see _pool_sched)
             if task_id in self.cancelled:

@@ -10,8 +10,8 @@
  *   Wire.recv_message()                           a blocking read; the first message when the
  *                                                 read holds whole plain frames (the others go to
  *                                                 the inbox), else MORE
- *   Wire.fill()                                   the same, every message to the inbox (a reader
- *                                                 thread's read)
+ *   Wire.fill(block)                              the same, every message to the inbox (any
+ *                                                 reader's read, waiting or not)
  *   Wire.read(block)                              one read, for the general decoder (first what
  *                                                 recv_message left to it)
  *
@@ -598,7 +598,7 @@ to_inbox(Wire *self, PyObject *value, PyObject *add)
  * decoded goes to the inbox, the rest is kept for read(), and the answer is MORE. Only call it
  * while the decoder is idle (nothing held back) and the inbox is empty. */
 static PyObject *
-receive(Wire *self, int keep_first)
+receive(Wire *self, int keep_first, int block)
 {
     if (!ready(self))
         return NULL;
@@ -607,9 +607,11 @@ receive(Wire *self, int keep_first)
         return MORE;
     }
     PyObject *fds;
-    Py_ssize_t n = read_once(self, 1, &fds);
+    Py_ssize_t n = read_once(self, block, &fds);
     if (n == -1)
         return NULL;
+    if (n == -2)  /* non-blocking, nothing there */
+        Py_RETURN_FALSE;
     if (n == 0 || fds != NULL) {
         if (keep(self, 0, n, fds) < 0)
             return NULL;
@@ -661,13 +663,16 @@ fail:
 static PyObject *
 Wire_recv_message(Wire *self, PyObject *Py_UNUSED(ignored))
 {
-    return receive(self, 1);
+    return receive(self, 1, 1);
 }
 
 static PyObject *
-Wire_fill(Wire *self, PyObject *Py_UNUSED(ignored))
+Wire_fill(Wire *self, PyObject *block)
 {
-    return receive(self, 0);
+    int wait = PyObject_IsTrue(block);
+    if (wait < 0)
+        return NULL;
+    return receive(self, 0, wait);
 }
 
 static PyObject *
@@ -688,8 +693,9 @@ static PyMethodDef Wire_methods[] = {
      "send(message, threshold): None once sent; False or (pickle,) when the Python path must send it."},
     {"recv_message", (PyCFunction)Wire_recv_message, METH_NOARGS,
      "Blocking read: the first message when the read holds whole plain frames, else MORE (read() has the rest)."},
-    {"fill", (PyCFunction)Wire_fill, METH_NOARGS,
-     "recv_message for a reader that hands every message to the inbox: None, or MORE (read() has the rest)."},
+    {"fill", (PyCFunction)Wire_fill, METH_O,
+     "fill(block): recv_message with every message to the inbox: None, MORE (read() has the rest), "
+     "or False (nothing to read without waiting)."},
     {"read", (PyCFunction)Wire_read, METH_O,
      "read(block): (start, end, fds) of one read in the buffer (first what recv_message left), or None."},
     {"disable", (PyCFunction)Wire_disable, METH_NOARGS, "Stop using the fd (call under the send lock)."},

@@ -35,6 +35,7 @@ from typing import Any
 
 from distributed import Client, KilledWorker
 
+from .._check import check_pool_options
 from .._errors import SerializationError
 from .._pool import Pool, PoolClosed, TaskFuture, _decode_error
 from ._errors import WorkerLost
@@ -154,22 +155,16 @@ class DaskPool(Pool):
                  spare_workers: int = 0) -> None:
         if workers is not None:
             raise ValueError("with cluster=, the Dask workers' threads are the pool's workers: leave workers out")
-        if retries < 0:
-            raise ValueError("retries must be >= 0")
-        if task_timeout is not None and task_timeout <= 0:
-            raise ValueError("task_timeout must be positive")
-        self.task_timeout = task_timeout
-        self.retries = retries
         # The local pools check these when they start; checked here too, so bad input fails at once.
-        self._settings: dict[str, Any] = {
-            "preload": tuple(preload), "initializer": initializer, "initargs": tuple(initargs),
-            "max_tasks_per_worker": max_tasks_per_worker, "max_memory_per_worker": max_memory_per_worker,
-            "spare_workers": spare_workers}
-        for name in ("max_tasks_per_worker", "max_memory_per_worker"):
-            if self._settings[name] is not None and self._settings[name] < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if spare_workers < 0:
-            raise ValueError("spare_workers must be >= 0")
+        options = check_pool_options(
+            task_timeout=task_timeout, retries=retries, spare_workers=spare_workers,
+            max_tasks_per_worker=max_tasks_per_worker, max_memory_per_worker=max_memory_per_worker,
+            initializer=initializer, initargs=initargs, preload=preload)
+        self.task_timeout = options.task_timeout
+        self.retries = options.retries
+        # What each Dask worker's local pool is made with (the timeout and retries stay here).
+        self._settings: dict[str, Any] = options._asdict()
+        del self._settings["task_timeout"], self._settings["retries"]
         self._owns_client = not isinstance(cluster, Client)
         self.client: Any = (Client(cluster, set_as_default=False)  # type: ignore[no-untyped-call]
                             if self._owns_client else cluster)

@@ -17,6 +17,7 @@ class WorkerLost(WorkerCrashed):
         self.pid = 0  # the forkio child's pid is not known: it went with its Dask worker
         self.exit_code = None
         self.signal_code = None
+        self.detail = ""
         ForkioError.__init__(self, f"Dask worker {address} was lost while it held this task")
 
     def __reduce__(self) -> tuple[object, ...]:

@@ -31,7 +31,16 @@ from typing import Any
 
 from .._events import Listener
 from ._primary import EVENTS, Supervisor, Worker
-from ._settings import ENV_ID, ENV_SETTINGS, REUSE_PORT_DEFAULT, AddressLike, ClusterError, Settings, parse_address
+from ._settings import (
+    ENV_ID,
+    ENV_SETTINGS,
+    MIN_UPTIME,
+    REUSE_PORT_DEFAULT,
+    AddressLike,
+    ClusterError,
+    Settings,
+    parse_address,
+)
 from ._worker import WorkerSide
 
 __all__ = [
@@ -108,7 +117,8 @@ def _this_program() -> tuple[str, str, list[str]]:
 
 def run(serve: Callable[[], Any], *, workers: int | None = None, timeout: float | None = 30.0,
         graceful_timeout: float = 30.0, reuse_port: bool | None = None, wait_ready: bool = False,
-        preload: Sequence[str] = (), env: dict[str, str] | None = None, log: bool = True) -> None:
+        min_uptime: float = MIN_UPTIME, preload: Sequence[str] = (), env: dict[str, str] | None = None,
+        log: bool = True) -> None:
     """In the primary: fork ``workers`` workers (default: one per CPU) and supervise them until stopped.
 
     In a worker: call ``serve()`` (an ``async def`` is run with ``asyncio.run``) and return when
@@ -119,7 +129,10 @@ def run(serve: Callable[[], Any], *, workers: int | None = None, timeout: float 
     ``cluster.ready()`` instead of the first ``listen`` with ``wait_ready``, and starts workers
     from a zygote with the ``preload`` modules imported (a reload starts a new one).
     Signals: SIGTERM stops gracefully, SIGINT/SIGQUIT at once, SIGHUP reloads, SIGTTIN/SIGTTOU
-    add or remove a worker. Workers dying at boot again and again stop the cluster: exit status 1.
+    add or remove a worker. A worker that dies unasked before it is ready or within
+    ``min_uptime`` s after, whatever its exit code, is an unstable start: the next start waits
+    longer each time, and 5 of them in 10 s stop the cluster (exit status 1) or, during a
+    reload, abandon it for the previous workers.
     """
     if _side is not None:
         _side.run(serve)
@@ -128,12 +141,13 @@ def run(serve: Callable[[], Any], *, workers: int | None = None, timeout: float 
     workers = given.get("workers", workers)
     timeout = given.get("timeout", timeout)
     graceful_timeout = given.get("graceful_timeout", graceful_timeout)
+    min_uptime = given.get("min_uptime", min_uptime)
     reuse_port = given.get("reuse_port", reuse_port)
     if reuse_port is None:
         reuse_port = REUSE_PORT_DEFAULT
     log = given.get("log", log)
     settings = Settings(timeout=timeout, graceful_timeout=graceful_timeout, reuse_port=reuse_port,
-                        wait_ready=wait_ready)
+                        wait_ready=wait_ready, min_uptime=min_uptime)
     _supervise(settings, workers=workers, preload=preload, env=env, log=log)
 
 
@@ -244,15 +258,15 @@ def on(event: str, callback: Listener | None = None) -> Any:
 
 
 def setup_primary(*, timeout: float | None = 30.0, graceful_timeout: float = 30.0, reuse_port: bool | None = None,
-                  wait_ready: bool = False, preload: Sequence[str] = (), env: dict[str, str] | None = None,
-                  log: bool = True) -> None:
+                  wait_ready: bool = False, min_uptime: float = MIN_UPTIME, preload: Sequence[str] = (),
+                  env: dict[str, str] | None = None, log: bool = True) -> None:
     """In the primary, before the first ``fork()``: the settings ``run()`` takes (Node's ``setupPrimary``)."""
     if _side is not None:
         raise ClusterError("cluster.setup_primary() is for the primary")
     if _supervisor is not None and not _supervisor.done.is_set():
         raise ClusterError("cluster.setup_primary() must come before the first fork()")
     settings = Settings(timeout=timeout, graceful_timeout=graceful_timeout, wait_ready=wait_ready,
-                        reuse_port=REUSE_PORT_DEFAULT if reuse_port is None else reuse_port)
+                        min_uptime=min_uptime, reuse_port=REUSE_PORT_DEFAULT if reuse_port is None else reuse_port)
     _primary(settings, None, preload, env, log)
 
 

@@ -9,8 +9,8 @@ import runpy
 import sys
 from typing import Any
 
-from .._cli import UsageError
-from ._settings import REUSE_PORT_DEFAULT, ClusterError, Settings, parse_address
+from .._cli import UsageError, non_negative_int, positive_int
+from ._settings import MIN_UPTIME, REUSE_PORT_DEFAULT, ClusterError, Settings, parse_address
 
 SERVE_MODULE = "forkio.cluster._serve"
 
@@ -25,23 +25,16 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {text!r}")
-    return value
-
-
 def _add_common(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--workers", "-w", type=_count, default=None, metavar="N",
+    cmd.add_argument("--workers", "-w", type=positive_int, default=None, metavar="N",
                      help="worker processes (default: one per CPU)")
     cmd.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
                      help="kill a worker whose event loop is silent this long (0: never; default 30)")
     cmd.add_argument("--graceful-timeout", type=_seconds, default=30.0, metavar="S",
                      help="how long a stopping worker may finish its requests (default 30)")
+    cmd.add_argument("--min-uptime", type=_seconds, default=None, metavar="S",
+                     help="a worker that exits sooner after it is ready is an unstable start: restarts back off, "
+                          f"and 5 in 10 s stop the cluster (default {MIN_UPTIME:g})")
     cmd.add_argument("--reuse-port", action=argparse.BooleanOptionalAction, default=None,
                      help="each worker slot accepts on its own SO_REUSEPORT socket, kept by the primary "
                           "(default on Linux: spreads connections more evenly); --no-reuse-port: one shared socket")
@@ -59,9 +52,9 @@ def add_commands(commands: Any) -> None:
     serve.add_argument("--bind", "-b", action="append", default=None, metavar="HOST:PORT|unix:PATH",
                        help="an address to serve (repeatable; default 127.0.0.1:8000)")
     serve.add_argument("--interface", choices=("asgi", "wsgi"), default="asgi")
-    serve.add_argument("--max-requests", type=_count, default=None, metavar="N",
+    serve.add_argument("--max-requests", type=positive_int, default=None, metavar="N",
                        help="recycle a worker after N requests (a replacement starts first)")
-    serve.add_argument("--max-requests-jitter", type=int, default=0, metavar="N",
+    serve.add_argument("--max-requests-jitter", type=non_negative_int, default=0, metavar="N",
                        help="plus a random 0..N, so that workers do not recycle together")
     serve.add_argument("--preload", action="store_true",
                        help="import the app once in the zygote workers start from (a reload starts a new one)")
@@ -82,7 +75,7 @@ def add_commands(commands: Any) -> None:
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     reuse_port = REUSE_PORT_DEFAULT if args.reuse_port is None else args.reuse_port
     return Settings(timeout=args.timeout or None, graceful_timeout=args.graceful_timeout, reuse_port=reuse_port,
-                    **extra)
+                    min_uptime=MIN_UPTIME if args.min_uptime is None else args.min_uptime, **extra)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -95,8 +88,6 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if importlib.util.find_spec("uvicorn") is None:  # here: one line, not a traceback per worker
         raise UsageError("forkio serve needs uvicorn: pip install 'forkio[serve]'")
-    if args.max_requests_jitter < 0:
-        raise UsageError("--max-requests-jitter must be >= 0")
     module = args.app.split(":", 1)[0]
     settings = _settings(args, wait_ready=True, max_requests=args.max_requests,
                          max_requests_jitter=args.max_requests_jitter, binds=binds,
@@ -133,7 +124,7 @@ def run_cluster(args: argparse.Namespace) -> int:
     from . import _defaults
 
     _defaults.update(workers=args.workers, timeout=args.timeout or None, graceful_timeout=args.graceful_timeout,
-                     reuse_port=args.reuse_port, log=not args.quiet)
+                     min_uptime=args.min_uptime, reuse_port=args.reuse_port, log=not args.quiet)
     sys.argv = [args.script, *args.args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
     try:

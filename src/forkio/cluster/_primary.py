@@ -2,11 +2,12 @@
 
 One supervisor thread waits on everything at once: each worker's channel, its pidfd, its
 stdout and stderr pipes, a wake-up pipe (signals and calls from other threads) and the
-nearest deadline (a silent heartbeat, a stop that ran out of grace). What a worker's exit
-means is decided in one place (``_on_exit``); how many workers should run, in another
-(``_reconcile``): a worker that dies, hangs, is recycled or belongs to the code before a
-reload stops counting, a replacement is forked, and the one it replaces is asked to stop
-only once the replacement is ready.
+nearest deadline (a silent heartbeat, a stop that ran out of grace, a restart held back, a
+worker's ``min_uptime``). What a worker's exit means is decided in one place (``_on_exit``);
+how many workers should run, in another (``_reconcile``): a worker that dies, hangs, is
+recycled or belongs to the code before a reload stops counting, a replacement is forked,
+and the one it replaces is asked to stop only once the replacement is ready (in a reload, up
+for ``min_uptime`` too: new code that exits soon after ready must not cost the old workers).
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from .._events import EventEmitter
 from .._handles import Handle
 from .._process import ChildProcess
 from ._settings import (
-    BOOT_FAILURES,
-    BOOT_WINDOW,
     ENV_ID,
     ENV_SETTINGS,
     Address,
@@ -38,6 +37,7 @@ from ._settings import (
     bind,
     bound_address,
 )
+from ._starts import BOOT_FAILURES, BOOT_WINDOW, StartLimit
 
 T = TypeVar("T")
 EVENTS = ("fork", "online", "listening", "message", "disconnect", "exit", "error")
@@ -71,6 +71,8 @@ class Worker(EventEmitter):
         self.signal_code: str | None = None
         self._supervisor = supervisor
         self._ready = False
+        self._ready_at = 0.0
+        self._stable = False  # ready and still alive ``min_uptime`` later: its start worked
         self._asked = False  # the primary asked it to stop (or killed it on purpose)
         self._counted = True  # counts towards the number of workers to keep
         self._retiring = False  # to be stopped once enough replacements are ready
@@ -139,7 +141,7 @@ class Supervisor:
         self._generation = 0
         self._reloading = False
         self._reload_pending = False
-        self._boot_failures: deque[float] = deque()
+        self._starts = StartLimit()
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -233,9 +235,11 @@ class Supervisor:
                     future.set_exception(exc)
 
     def _next_deadline(self) -> float | None:
-        times = []
+        times = [] if self._starts.hold_until is None else [self._starts.hold_until]
         timeout = self.settings.timeout
         for worker in self.workers.values():
+            if worker._ready and not worker._stable:
+                times.append(worker._ready_at + self.settings.min_uptime)
             if worker._kill_at is not None:
                 times.append(worker._kill_at)
             elif timeout is not None and worker._last_beat is not None:
@@ -245,7 +249,11 @@ class Supervisor:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         timeout = self.settings.timeout
+        if self._starts.hold_until is not None and not self._starts.held(now):
+            self._reconcile()
         for worker in list(self.workers.values()):
+            if worker._ready and not worker._stable and now >= worker._ready_at + self.settings.min_uptime:
+                self._on_stable(worker)
             if worker._kill_at is not None:
                 if now >= worker._kill_at:
                     worker._kill_at = None
@@ -373,8 +381,18 @@ class Supervisor:
         if worker._ready:
             return
         worker._ready = True
+        worker._ready_at = time.monotonic()
         if worker.state in ("starting", "online", "listening"):
             worker.state = "ready"
+        if self.settings.min_uptime <= 0:
+            self._on_stable(worker)
+        else:
+            self._retire_replaced()
+
+    def _on_stable(self, worker: Worker) -> None:
+        """``worker`` stayed up ``min_uptime`` after ready: its start worked."""
+        worker._stable = True
+        self._starts.stable()
         self._retire_replaced()
 
     def _on_channel(self, worker: Worker) -> None:
@@ -444,49 +462,58 @@ class Supervisor:
         worker.exit_code = code if code >= 0 else None
         worker.signal_code = signal_name(-code) if code < 0 else None
         how = f"exit code {code}" if code >= 0 else f"killed by {worker.signal_code}"
-        why = "asked" if worker._asked else ("at boot" if not worker._ready else "unexpected")
-        self.log(f"worker {worker.id} (pid {worker.pid}) exited: {how} ({why})")
+        # Whatever its exit code: a worker that exits soon after ready (or before) did not start well.
+        unstable = not worker._asked and not worker._stable
+        if worker._asked:
+            why = "asked"
+        elif not worker._ready:
+            why = "at boot"
+        elif unstable:
+            how += f", {time.monotonic() - worker._ready_at:.2f} s after ready"
+            why = "unstable start"
+        else:
+            why = "unexpected"
+        crash_loop, delay = False, 0.0
+        if unstable:
+            restarting = self.count is not None and not self._stopping
+            crash_loop, delay = self._starts.unstable(time.monotonic(), restarting=restarting)
+        self.log(f"worker {worker.id} (pid {worker.pid}) exited: {how} ({why})" + (
+            f"; next start in {delay:g} s ({self._starts.in_a_row} unstable starts in a row)" if delay else ""))
         self.events.emit("exit", worker, worker.exit_code, worker.signal_code)
         worker.emit("exit", worker.exit_code, worker.signal_code)
-        if not worker._ready and not worker._asked and self._boot_failed(how):
+        if crash_loop:
+            self._crash_loop(how)
             return
         self._reconcile()
         self._retire_replaced()
         self._close_unused_slots()
 
-    def _boot_failed(self, how: str) -> bool:
-        """Count a death at boot; True when too many of them mean a crash loop (handled here)."""
-        now = time.monotonic()
-        self._boot_failures.append(now)
-        while self._boot_failures and now - self._boot_failures[0] > BOOT_WINDOW:
-            self._boot_failures.popleft()
-        if len(self._boot_failures) < BOOT_FAILURES:
-            return False
-        self._boot_failures.clear()
+    def _crash_loop(self, how: str) -> None:
+        """Workers cannot start (or stay up): back to the old workers during a reload, else stop."""
         old = [w for w in self.workers.values() if w._retiring and not w._asked]
-        if old:  # a reload whose new code cannot start: keep the old workers serving
-            self.log(f"reload failed: new workers died at boot {BOOT_FAILURES} times in {BOOT_WINDOW:g} s "
-                     f"(last: {how}); the previous workers keep serving")
+        if old:  # a reload whose new code cannot start (or stay up): keep the old workers serving
+            self.log(f"reload failed: new workers died at boot or soon after {BOOT_FAILURES} times in "
+                     f"{BOOT_WINDOW:g} s (last: {how}); the previous workers keep serving")
             for w in list(self.workers.values()):
-                if not w._ready and not w._asked:
+                if w._counted and not w._asked:  # the new code's workers, ready or not
                     self.kill_worker(w, signal.SIGKILL)
             for w in old:
                 w._retiring = False
                 w._counted = True
             self._reloading = False
-            return True
-        print(f"forkio cluster: workers died at boot {BOOT_FAILURES} times in {BOOT_WINDOW:g} s "
+            return
+        print(f"forkio cluster: workers died at boot or soon after {BOOT_FAILURES} times in {BOOT_WINDOW:g} s "
               f"(last: {how}); stopping", file=sys.stderr, flush=True)
         self.exit_code = 1
         self.stop(quick=True)
-        return True
 
     def _reconcile(self) -> None:
         """Fork or stop workers until the counted ones are ``count``."""
         if self.count is None or self._stopping:
             return
         counted = [w for w in self.workers.values() if w._counted]
-        for _ in range(self.count - len(counted)):
+        held = self._starts.held(time.monotonic())
+        for _ in range(0 if held else self.count - len(counted)):  # held back: _check_deadlines comes back
             try:
                 self.fork()
             except Exception as exc:  # a preload that fails, no processes left...: say it in one line
@@ -502,9 +529,13 @@ class Supervisor:
                 self.stop_worker(worker, quick=False)
 
     def _retire_replaced(self) -> None:
-        """Once enough replacements are ready, ask the workers they replace to stop."""
+        """Once enough replacements are ready, ask the workers they replace to stop.
+
+        During a reload, ready means up for ``min_uptime`` too: new code that exits soon after
+        ready must find the old workers still there to go back to. A recycle replaces a worker
+        with the same code, at once (waiting would pile up workers that recycle quickly)."""
         retiring = [w for w in self.workers.values() if w._retiring and not w._asked]
-        ready = [w for w in self.workers.values() if w._counted and w._ready]
+        ready = [w for w in self.workers.values() if w._counted and (w._stable if self._reloading else w._ready)]
         if retiring and (self.count is None or len(ready) >= self.count):
             for worker in retiring:
                 self.stop_worker(worker, quick=False)

@@ -15,8 +15,7 @@ from .._errors import ForkioError
 ENV_ID = "FORKIO_CLUSTER_WORKER"  # the worker's id, set by the primary (Node's NODE_UNIQUE_ID)
 ENV_SETTINGS = "FORKIO_CLUSTER_SETTINGS"  # the settings below, as JSON
 BACKLOG = 2048
-BOOT_FAILURES = 5  # this many workers dying before they are ready ...
-BOOT_WINDOW = 10.0  # ... within this many seconds stop the cluster
+MIN_UPTIME = 1.0  # a worker that dies sooner after ready is an unstable start (see _starts)
 REUSE_PORT_DEFAULT = sys.platform.startswith("linux")  # elsewhere SO_REUSEPORT does not spread connections
 
 # ("tcp", host, port) or ("unix", path): hashable, picklable, the same in primary and workers.
@@ -38,6 +37,7 @@ class Settings:
     # evenly; measured in docs/benchmarks-cluster.md) instead of all sharing one. Linux only.
     reuse_port: bool = REUSE_PORT_DEFAULT
     wait_ready: bool = False  # a worker is ready when it calls cluster.ready(), not when it listens
+    min_uptime: float = MIN_UPTIME  # a worker that dies sooner after ready is an unstable start
     max_requests: int | None = None  # forkio serve: recycle a worker after this many requests ...
     max_requests_jitter: int = 0  # ... plus a random 0..jitter
     binds: list[Address] = field(default_factory=list)  # forkio serve: the addresses to serve
@@ -48,6 +48,8 @@ class Settings:
             raise ValueError(f"timeout must be > 0 seconds or None, not {self.timeout!r}")
         if self.graceful_timeout < 0:
             raise ValueError(f"graceful_timeout must be >= 0 seconds, not {self.graceful_timeout!r}")
+        if not self.min_uptime >= 0:  # NaN too
+            raise ValueError(f"min_uptime must be >= 0 seconds, not {self.min_uptime!r}")
         if self.max_requests is not None and self.max_requests < 1:
             raise ValueError(f"max_requests must be >= 1 or None, not {self.max_requests!r}")
         if self.max_requests_jitter < 0:

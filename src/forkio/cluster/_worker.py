@@ -52,6 +52,7 @@ class WorkerSide:
         self._tasks: set[Any] = set()
         self._ready_sent = False
         self._interrupting = False  # our own interrupt_main(), not a Ctrl-C from the terminal
+        self._closing_elsewise = 0  # servers of a loop whose close() leaves serve_forever() waiting (uvloop)
         self.channel.on_control = self._on_control
         faulthandler.enable(all_threads=True)  # SIGABRT from the primary on a hang prints where
         if hasattr(sys.stdout, "reconfigure"):
@@ -194,22 +195,28 @@ class WorkerSide:
             for hook in list(self.stop_hooks):
                 hook()
         elif not self._close_servers():
-            import _thread
-
             # No server we know (or not serving yet): stop the main thread; run() expects it.
-            self._interrupting = True
-            _thread.interrupt_main()
+            self._interrupt_main()
+
+    def _interrupt_main(self) -> None:
+        import _thread
+
+        self._interrupting = True
+        _thread.interrupt_main()
 
     def _close_servers(self) -> bool:
-        """Drain and close the asyncio servers and socketservers serving our sockets; False if none."""
+        """Drain and close the asyncio servers (uvloop's too) and socketservers serving our sockets;
+        False if none."""
         fds = {sock.fileno() for sock in self.listened}
         if not fds:
             return False
         aio = sys.modules.get("asyncio")
         socketserver = sys.modules.get("socketserver")
+        uvloop = sys.modules.get("uvloop.loop")
+        servers = tuple(kind for kind in (aio and aio.base_events.Server, uvloop and uvloop.Server) if kind)
         found = False
         for obj in gc.get_objects():
-            if aio is not None and isinstance(obj, aio.base_events.Server):
+            if servers and isinstance(obj, servers):
                 if any(s.fileno() in fds for s in obj.sockets):
                     obj.get_loop().call_soon_threadsafe(self._drain, obj)
                     found = True
@@ -224,17 +231,36 @@ class WorkerSide:
         """In the server's loop: stop accepting here, wait for its connections, then close it."""
         import asyncio
 
-        stop_accepting(server)
+        if not isinstance(server.get_loop(), asyncio.selector_events.BaseSelectorEventLoop):
+            self._closing_elsewise += 1
+            task = server.get_loop().create_task(self._drain_elsewise(server))
+        else:
+            stop_accepting(server)
 
-        async def drain() -> None:
-            await settle_accepts()
-            while getattr(server, "_active_count", 0) > 0:
-                await asyncio.sleep(0.02)
-            server.close()
+            async def drain() -> None:
+                await settle_accepts()
+                while getattr(server, "_active_count", 0) > 0:
+                    await asyncio.sleep(0.02)
+                server.close()  # and serve_forever() returns
 
-        task = server.get_loop().create_task(drain())
+            task = server.get_loop().create_task(drain())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _drain_elsewise(self, server: Any) -> None:
+        """``_drain`` on a loop of another kind (uvloop): its ``close()`` stops accepting and its
+        ``wait_closed()`` waits for the connections, if it was waiting before the close (after, it
+        returns at once). That close leaves ``serve_forever()`` waiting for good, so once every such
+        server is done the main thread is stopped, as for a server of unknown kind (run() expects it)."""
+        import asyncio
+
+        closed = asyncio.ensure_future(server.wait_closed())
+        await asyncio.sleep(0)  # it waits now
+        stop_accepting(server)
+        await closed
+        self._closing_elsewise -= 1
+        if not self._closing_elsewise:  # from a callback, not this task: no "exception never retrieved"
+            asyncio.get_running_loop().call_soon(self._interrupt_main)
 
     def run(self, serve: Callable[[], Any]) -> None:
         """A worker's part of ``cluster.run``: call ``serve`` (run it if it is a coroutine function)."""
