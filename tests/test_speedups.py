@@ -485,7 +485,7 @@ def test_any_stream_cut_anywhere_decodes_the_same_on_both_paths(monkeypatch: pyt
 
 # ------------------------------------------------------------------- the rest of the suite, pure
 CHANNEL_SUITES = ["test_codec.py", "test_hardening_io.py", "test_zerocopy.py", "test_fork.py", "test_api.py",
-                  "test_aio.py", "test_node_protocol.py", "test_node.py"]
+                  "test_aio.py", "test_aio_wakeup.py", "test_node_protocol.py", "test_node.py"]
 
 
 @pytest.mark.timeout(900)

@@ -409,7 +409,8 @@ class Channel:
     def try_send(self, view: memoryview | bytes, fds: list[int] = ()) -> int:  # type: ignore[assignment]
         """One non-blocking write; returns the bytes sent (0 when the socket is full)."""
         if not fds:
-            self._check_sendable()
+            if self._closed or self._broken is not None:
+                self._check_sendable()
             try:
                 return self.sock.send(view, socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -524,7 +525,10 @@ class Channel:
 
     def pop(self, with_handle: bool) -> Any:
         """Take the next decoded message (raising the error that replaced it, if any)."""
-        return self._take(self._inbox.popleft(), with_handle)
+        item = self._inbox.popleft()
+        if with_handle is False and not item[1] and item[4] is None:
+            return item[0]
+        return self._take(item, with_handle)
 
     def _take(self, item: Incoming, with_handle: bool) -> Any:
         """What ``pop`` returns for ``item``."""
