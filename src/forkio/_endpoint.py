@@ -92,15 +92,15 @@ class Endpoint(EventEmitter):
             if self._unusable:
                 raise ChannelClosed(self._reason)
             return
-        inbox, take = self._channel._inbox, self._channel._take
+        inbox, pop = self._channel._inbox, self._channel.pop
         while True:
             # One read often decodes many messages: hand those out without a recv() each.
             while inbox:
                 try:
-                    item = inbox.popleft()
+                    message = pop(False)
                 except IndexError:  # another thread took it first
                     break
-                yield take(item, False) if item[1] or item[4] is not None else item[0]
+                yield message
             try:
                 yield self.recv()
             except ChannelClosed:
