@@ -643,7 +643,10 @@ receive(Wire *self, int keep_first, int block)
     PyErr_Fetch(&type, &exc, &traceback);
     int failed = keep(self, pos, n, NULL) < 0;
     if (first != NULL) {
-        failed = failed || to_inbox(self, first, self->inbox_appendleft) < 0;
+        if (failed)
+            Py_DECREF(first);  /* out of memory already: it cannot be kept anywhere */
+        else
+            failed = to_inbox(self, first, self->inbox_appendleft) < 0;  /* steals it */
         first = NULL;
     }
     if (type != NULL) {
